@@ -1,0 +1,244 @@
+"""The high-level client API: :class:`Device` and :class:`Session`.
+
+::
+
+    import os, liveupdate
+
+    with liveupdate.open_device() as dev:
+        session = dev.create_session("vm-memory")
+    mfd = os.memfd_create("guest-ram")
+    os.write(mfd, b"hello")
+    session.preserve(mfd, token=0x1A)
+    # ... keep `session` open across the live update; in the next generation:
+    with liveupdate.open_device() as dev, dev.retrieve_session("vm-memory") as s:
+        fd = s.retrieve(0x1A)
+        s.finish()
+
+The same code runs against ``luod`` and against a kernel's ``/dev/liveupdate``:
+only the :mod:`~liveupdate.client.transport` differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from types import TracebackType
+from typing import Protocol, Self
+
+from liveupdate import paths, uapi
+from liveupdate.client.errors import InvalidArgumentError
+from liveupdate.client.transport import (
+    Buffer,
+    KernelTransport,
+    SocketTransport,
+    open_with_retry,
+    transport_for_fd,
+    transport_for_path,
+)
+
+__all__ = ["Device", "Session", "open_device"]
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+AnyTransport = KernelTransport | SocketTransport
+
+
+def _name_bytes(name: str | bytes) -> bytes:
+    raw = uapi.encode_name(name)
+    if not raw or b"\0" in raw or len(raw) >= uapi.LIVEUPDATE_SESSION_NAME_LENGTH:
+        raise InvalidArgumentError(
+            errno.EINVAL, f"session name must be 1 to 63 bytes without NUL, got {raw!r}"
+        )
+    return raw
+
+
+class _FdObject:
+    """An owned fd with ``ioctl``, ``close`` and context-manager support."""
+
+    def __init__(self, fd: int, transport: AnyTransport) -> None:
+        self._fd = fd
+        self.transport = transport
+
+    def fileno(self) -> int:
+        """The underlying fd (owned by this object until :meth:`close` or :meth:`detach`)."""
+        if self._fd < 0:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def ioctl(self, cmd: int, buf: Buffer | ctypes.Structure) -> int:
+        """Issue ``cmd`` with ``buf`` exactly like ``ioctl(2)`` would.
+
+        ``buf`` is a writable buffer (``bytearray``, ``memoryview`` or a
+        ``ctypes`` struct) holding the struct, ``size`` first. On success the
+        reply is written back into it, including the number of a returned fd
+        in the ``fd`` field; the caller then owns that fd. Raises a
+        :class:`~liveupdate.LiveUpdateError` subclass on failure.
+        """
+        return self.transport.ioctl(self.fileno(), cmd, buf)  # type: ignore[arg-type]
+
+    def detach(self) -> int:
+        """Give up ownership of the fd and return it."""
+        fd, self._fd = self.fileno(), -1
+        return fd
+
+    def close(self) -> None:
+        """Close the fd (idempotent)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Session(_FdObject):
+    """A session fd: a named group of preserved files.
+
+    Closing an *outgoing* session (one you created) unpreserves its files;
+    keep it open across the live update. Closing a *retrieved* session
+    finishes it.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        transport: AnyTransport,
+        name: bytes | None = None,
+        direction: uapi.SessionDirection | None = None,
+    ) -> None:
+        super().__init__(fd, transport)
+        self._name = name
+        #: Outgoing or incoming, when known (``None`` for an inherited fd).
+        self.direction = direction
+
+    @classmethod
+    def from_fd(cls, fd: int, direction: uapi.SessionDirection | None = None) -> Session:
+        """Adopt an open session fd (inherited from a parent, received...)."""
+        return cls(fd, transport_for_fd(fd), direction=direction)
+
+    @property
+    def raw_name(self) -> bytes:
+        """The name as the ABI holds it (bytes, no NUL); asked once with GET_NAME."""
+        if self._name is None:
+            self._name = self.get_name()
+        return self._name
+
+    @property
+    def name(self) -> str:
+        """The name as text (undecodable bytes escaped)."""
+        return self.raw_name.decode(errors="surrogateescape")
+
+    def get_name(self) -> bytes:
+        """LIVEUPDATE_SESSION_GET_NAME: the session's name, asked of the orchestrator."""
+        arg = uapi.liveupdate_session_get_name(size=ctypes.sizeof(uapi.liveupdate_session_get_name))
+        self.ioctl(uapi.LIVEUPDATE_SESSION_GET_NAME, arg)
+        return uapi.decode_name(arg.name)
+
+    def preserve(self, file: int | HasFileno, token: int) -> None:
+        """LIVEUPDATE_SESSION_PRESERVE_FD: keep ``file`` across the update under ``token``.
+
+        ``file`` is an fd or any object with ``fileno()``. The orchestrator
+        holds its own reference; the caller may close its own afterwards.
+        """
+        fd = file if isinstance(file, int) else file.fileno()
+        arg = uapi.liveupdate_session_preserve_fd(
+            size=ctypes.sizeof(uapi.liveupdate_session_preserve_fd), fd=fd, token=token
+        )
+        self.ioctl(uapi.LIVEUPDATE_SESSION_PRESERVE_FD, arg)
+
+    def retrieve(self, token: int) -> int:
+        """LIVEUPDATE_SESSION_RETRIEVE_FD: a new fd (close-on-exec) for the file ``token``.
+
+        May be called again: each call returns a new fd to the same open file.
+        The caller owns the fd (wrap it with :func:`os.fdopen` or ``socket.socket(fileno=...)``).
+        """
+        arg = uapi.liveupdate_session_retrieve_fd(
+            size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd), fd=-1, token=token
+        )
+        self.ioctl(uapi.LIVEUPDATE_SESSION_RETRIEVE_FD, arg)
+        return int(arg.fd)
+
+    def finish(self) -> None:
+        """LIVEUPDATE_SESSION_FINISH: complete an incoming session (idempotent).
+
+        Files never retrieved are discarded; fds already retrieved stay valid.
+        """
+        arg = uapi.liveupdate_session_finish(size=ctypes.sizeof(uapi.liveupdate_session_finish))
+        self.ioctl(uapi.LIVEUPDATE_SESSION_FINISH, arg)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        name = self._name.decode(errors="backslashreplace") if self._name else "?"
+        return f"<liveupdate.Session {name!r} {state} via {self.transport.name}>"
+
+
+class Device(_FdObject):
+    """The open device: creates and retrieves sessions.
+
+    Only one process may have the device open at a time; close it (or use
+    ``with``) as soon as sessions are created: sessions live on their own fds.
+    """
+
+    def __init__(self, fd: int, transport: AnyTransport, path: str) -> None:
+        super().__init__(fd, transport)
+        #: The path it was opened at.
+        self.path = path
+
+    def _session_call(self, cmd: int, name: str | bytes) -> int:
+        raw = _name_bytes(name)
+        struct_type = uapi.IOCTLS[cmd].struct
+        arg = struct_type(size=ctypes.sizeof(struct_type), fd=-1)
+        ctypes.memmove(arg.name, raw, len(raw))
+        self.ioctl(cmd, arg)
+        return int(arg.fd)
+
+    def create_session(self, name: str | bytes) -> Session:
+        """LIVEUPDATE_IOCTL_CREATE_SESSION: a new outgoing session called ``name``."""
+        fd = self._session_call(uapi.LIVEUPDATE_IOCTL_CREATE_SESSION, name)
+        return Session(fd, self.transport, _name_bytes(name), uapi.SessionDirection.OUTGOING)
+
+    def retrieve_session(self, name: str | bytes) -> Session:
+        """LIVEUPDATE_IOCTL_RETRIEVE_SESSION: the incoming session ``name``."""
+        fd = self._session_call(uapi.LIVEUPDATE_IOCTL_RETRIEVE_SESSION, name)
+        return Session(fd, self.transport, _name_bytes(name), uapi.SessionDirection.INCOMING)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<liveupdate.Device {self.path!r} {state} via {self.transport.name}>"
+
+
+def open_device(path: str | os.PathLike[str] | None = None, timeout: float = 0.0) -> Device:
+    """Open the LUO device.
+
+    Args:
+        path: A kernel character device or luod's socket. Default: the
+            ``LIVEUPDATE_DEVICE`` environment variable, else ``/dev/liveupdate``
+            when it exists, else luod's default socket.
+        timeout: Seconds to keep retrying while the device is busy (``EBUSY``:
+            another process has it open). 0 fails at once.
+
+    Raises:
+        DeviceBusyError: still busy after ``timeout``.
+        RestoreFailedError: the daemon could not restore its incoming state.
+        NotFoundError: nothing at ``path`` (is luod running?).
+    """
+    resolved = paths.resolve_device(path)
+    transport = transport_for_path(resolved)
+    fd = open_with_retry(transport, resolved, timeout)
+    return Device(fd, transport, resolved)

@@ -1,0 +1,201 @@
+"""The two transports: luod's socket and a kernel's ``/dev/liveupdate``.
+
+A transport knows how to open the device and how to issue one ioctl on an fd
+of its kind. It is deliberately the only place where the two differ: the
+kernel path is a thin ``fcntl.ioctl``; the socket path frames the very same
+struct bytes per ``wire.md`` and moves fds as ``SCM_RIGHTS``, then writes
+the received fd number into the struct like the kernel does. Everything
+above (sessions, errors, context managers) is shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+import time
+from typing import Protocol
+
+from liveupdate import uapi, wire
+from liveupdate.client.errors import LiveUpdateError, error_from_errno
+
+__all__ = ["KernelTransport", "SocketTransport", "Transport", "transport_for_fd"]
+
+_FD_FIELD = struct.Struct("=i")
+_FD_OFFSET = 4
+_PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
+
+Buffer = bytearray | memoryview
+
+
+class Transport(Protocol):
+    """How to open the device and issue an ioctl on one of its fds."""
+
+    name: str
+
+    def open(self, path: str) -> int:
+        """Open the device at ``path``; raise :class:`LiveUpdateError` (EBUSY, EIO...)."""
+        ...
+
+    def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
+        """Run ``cmd`` on ``fd`` with ``buf`` in and out, as the kernel would."""
+        ...
+
+
+def _as_bytes_view(buf: object) -> memoryview:
+    view = memoryview(buf)  # type: ignore[arg-type]
+    if view.readonly:
+        raise TypeError("the ioctl buffer must be writable (bytearray or ctypes struct)")
+    return view.cast("B")
+
+
+class KernelTransport:
+    """A real ``/dev/liveupdate``: ``open(2)`` and ``ioctl(2)``, nothing more."""
+
+    name = "kernel"
+
+    def open(self, path: str) -> int:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise error_from_errno(exc.errno or errno.EIO, f"open {path}") from None
+
+    def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
+        view = _as_bytes_view(buf)
+        try:
+            # mutate_flag=True: the kernel's writes land in the caller's buffer.
+            return int(fcntl.ioctl(fd, cmd, view, True))
+        except OSError as exc:
+            raise error_from_errno(exc.errno or errno.EIO, _ioctl_name(cmd)) from None
+
+
+class SocketTransport:
+    """luod's Unix socket: the same structs, framed per ``wire.md``."""
+
+    name = "socket"
+
+    def open(self, path: str) -> int:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)
+            hello = sock.recv(wire.HELLO.size + 1)
+            if not hello:
+                raise error_from_errno(errno.ENODEV, f"luod at {path} closed the connection")
+            status = wire.decode_hello(hello)
+        except wire.FramingError as exc:
+            sock.close()
+            raise error_from_errno(exc.errno, f"{path}: {exc}") from None
+        except LiveUpdateError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            err = exc.errno or errno.EIO
+            what = f"open {path}"
+            if err in (errno.ENOENT, errno.ECONNREFUSED):
+                what += " (is luod running? start it with `luod` or set LIVEUPDATE_DEVICE)"
+            raise error_from_errno(err, what) from None
+        if status < 0:
+            sock.close()
+            raise error_from_errno(-status, f"open {path}")
+        return sock.detach()
+
+    def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
+        view = _as_bytes_view(buf)
+        info = uapi.IOCTLS.get(cmd)
+        what = _ioctl_name(cmd)
+        sock = socket.socket(fileno=fd)
+        try:
+            return self._call(sock, cmd, view, info, what)
+        finally:
+            sock.detach()  # the fd stays the caller's
+
+    def _call(
+        self,
+        sock: socket.socket,
+        cmd: int,
+        view: memoryview,
+        info: uapi.IoctlInfo | None,
+        what: str,
+    ) -> int:
+        request = wire.encode_request(cmd, view)
+        fds: list[int] = []
+        if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
+            (caller_fd,) = _FD_FIELD.unpack_from(view, _FD_OFFSET)
+            if caller_fd >= 0:
+                fds.append(caller_fd)
+        try:
+            try:
+                wire.send_message(sock, request, fds)
+            except OSError as exc:
+                if exc.errno != errno.EBADF or not fds:
+                    raise
+                # Not an open fd: let the daemon answer in its own check order
+                # (a duplicate token is EEXIST before a bad fd is EBADF).
+                wire.send_message(sock, request)
+            msg = wire.recv_message(sock, wire.REPLY_HEADER.size + len(view) + 1)
+        except OSError as exc:
+            if exc.errno in _PEER_GONE:
+                raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)") from None
+            raise error_from_errno(exc.errno or errno.EIO, what) from None
+        received = msg.fds
+        try:
+            if msg.length == 0:
+                raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+            if msg.fds_truncated:
+                raise error_from_errno(errno.EMFILE, f"{what}: no room for the returned fd")
+            if msg.truncated:
+                raise error_from_errno(errno.EPROTO, f"{what}: reply longer than the struct")
+            try:
+                ret, out = wire.decode_reply(msg.data)
+            except wire.FramingError as exc:
+                raise error_from_errno(exc.errno, f"{what}: {exc}") from None
+            if ret < 0:
+                raise error_from_errno(-ret, what)
+            view[: len(out)] = out
+            if info is not None and info.fd_out:
+                if len(received) != 1:
+                    raise error_from_errno(errno.EPROTO, f"{what}: reply carried no fd")
+                new_fd = received.pop()
+                if len(view) >= _FD_OFFSET + _FD_FIELD.size:
+                    _FD_FIELD.pack_into(view, _FD_OFFSET, new_fd)
+            return ret
+        finally:
+            wire.close_fds(received)
+
+
+def _ioctl_name(cmd: int) -> str:
+    info = uapi.IOCTLS.get(cmd)
+    return info.name if info else f"ioctl {cmd:#x}"
+
+
+def transport_for_path(path: str) -> KernelTransport | SocketTransport:
+    """A character device is a kernel; anything else is luod's socket."""
+    try:
+        if stat.S_ISCHR(os.stat(path).st_mode):
+            return KernelTransport()
+    except OSError:
+        pass
+    return SocketTransport()
+
+
+def transport_for_fd(fd: int) -> KernelTransport | SocketTransport:
+    """The transport an already open device or session fd belongs to."""
+    return SocketTransport() if stat.S_ISSOCK(os.fstat(fd).st_mode) else KernelTransport()
+
+
+def open_with_retry(transport: KernelTransport | SocketTransport, path: str, timeout: float) -> int:
+    """Open ``path``, retrying ``EBUSY`` until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return transport.open(path)
+        except LiveUpdateError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.05)

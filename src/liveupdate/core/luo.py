@@ -1,0 +1,223 @@
+"""The orchestrator: device state, session lists and the device's ioctl table.
+
+The analog of ``kernel/liveupdate/luo_core.c``. :class:`Orchestrator` holds
+one generation: its outgoing sessions (created now), its incoming sessions
+(handed over by the previous generation), every preserved file and the
+limits. It contains no sockets: the transport (``luod``) turns connections
+into calls of :func:`liveupdate.dispatch.dispatch` with a :class:`DeviceCall`
+or a :class:`~liveupdate.core.session.SessionCall` as context, and gives the
+core a callback to bind a new session to an fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from liveupdate import uapi
+from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile
+from liveupdate.core.session import (
+    SESSION_OPS,
+    Owner,
+    Session,
+    SessionCall,
+    finish_session,
+    parse_name,
+    unpreserve_all,
+)
+from liveupdate.dispatch import DispatchTable, IoctlOp
+
+__all__ = ["DEVICE_TABLE", "DeviceCall", "Limits", "LuoState", "Orchestrator"]
+
+log = logging.getLogger("liveupdate.luo")
+
+Direction = uapi.SessionDirection
+
+
+class LuoState(enum.IntEnum):
+    """The v2 state machine's states (values are ABI: ``luod_get_state.state``)."""
+
+    NORMAL = 0
+    PREPARED = 1
+    FROZEN = 2
+    UPDATED = 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable limits; every preserved file and session costs luod an fd."""
+
+    max_sessions: int = 4096
+    max_files: int = 1024
+
+
+@dataclass
+class DeviceCall:
+    """Context of one ioctl on the device.
+
+    ``bind_session`` is the transport's: it gives a new session an fd (for
+    luod, one end of a socketpair) and returns the fd to hand to the caller.
+    ``fds_in`` are fds that came with the call (the transport closes them).
+    """
+
+    luo: Orchestrator
+    owner: Owner
+    bind_session: Callable[[Session], int]
+    fds_in: list[int] = field(default_factory=list)
+
+
+class Orchestrator:
+    """One generation of the orchestrator.
+
+    Args:
+        registry: The file handlers, asked in order.
+        limits: Session and file limits.
+        generation: This generation's live update number (1 on a cold start).
+    """
+
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        limits: Limits | None = None,
+        generation: int = 1,
+    ) -> None:
+        self.registry = registry
+        self.limits = limits or Limits()
+        self.generation = generation
+        self.state = LuoState.NORMAL
+        #: Outgoing sessions by name, in creation order.
+        self.outgoing: dict[bytes, Session] = {}
+        #: Incoming sessions by name, in the previous generation's order.
+        self.incoming: dict[bytes, Session] = {}
+        #: Every file that counts as preserved, by identity.
+        self.preserved: dict[FileKey, PreservedFile] = {}
+        #: Why the incoming image could not be restored; opens then fail EIO.
+        self.restore_error: str | None = None
+        #: Called with the new state whenever it changes (luod's state file).
+        self.on_state_change: Callable[[LuoState], None] | None = None
+
+    # -- state -----------------------------------------------------------
+
+    def set_state(self, state: LuoState) -> None:
+        if state != self.state:
+            log.info("state %s -> %s", self.state.name.lower(), state.name.lower())
+            self.state = state
+            if self.on_state_change is not None:
+                self.on_state_change(state)
+
+    def session_finished(self, session: Session) -> None:
+        """Bookkeeping once an incoming session is finished."""
+        if self.state == LuoState.UPDATED and all(s.finished for s in self.incoming.values()):
+            self.set_state(LuoState.NORMAL)
+
+    # -- device operations -------------------------------------------------
+
+    def check_open(self) -> None:
+        """Whether the device may be opened at all in this generation (``EIO``)."""
+        if self.restore_error is not None:
+            raise OSError(errno.EIO, f"incoming handover state unusable: {self.restore_error}")
+
+    def create_session(self, name: bytes, owner: Owner) -> Session:
+        """A new outgoing session; checks: name, limit (``ENOMEM``), ``EEXIST``."""
+        if len(self.outgoing) >= self.limits.max_sessions:
+            raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
+        if name in self.outgoing:
+            raise OSError(errno.EEXIST, "an outgoing session already has this name")
+        session = Session(name, Direction.OUTGOING, owner)
+        self.outgoing[name] = session
+        return session
+
+    def retrieve_session(self, name: bytes, owner: Owner) -> Session:
+        """The incoming session ``name``: ``ENOENT`` if none, ``EINVAL`` if taken."""
+        session = self.incoming.get(name)
+        if session is None:
+            raise OSError(errno.ENOENT, "no incoming session has this name")
+        if session.retrieved:
+            raise OSError(errno.EINVAL, "this session was already retrieved")
+        session.retrieved = True
+        return session
+
+    def release_session(self, session: Session) -> None:
+        """The session's fd was closed.
+
+        Outgoing: unpreserve every file (last first) and free the name.
+        Incoming: finish it implicitly; its name then gives ``ENOENT``.
+        """
+        if session.direction == Direction.OUTGOING:
+            if self.outgoing.get(session.name) is session:
+                del self.outgoing[session.name]
+            unpreserve_all(self, session)
+            return
+        if not session.finished:
+            finish_session(self, session, force=True)
+        if self.incoming.get(session.name) is session:
+            del self.incoming[session.name]
+        self.session_finished(session)
+
+    def close(self) -> None:
+        """Release everything this generation holds (daemon shutdown)."""
+        for session in reversed(list(self.outgoing.values())):
+            self.release_session(session)
+        for session in list(self.incoming.values()):
+            for file in session.files.values():
+                file.release()
+        self.incoming.clear()
+        self.preserved.clear()
+
+    @property
+    def file_count(self) -> int:
+        """Files held in outgoing and unfinished incoming sessions."""
+        sessions = [*self.outgoing.values(), *self.incoming.values()]
+        return sum(len(s.files) for s in sessions if not s.finished)
+
+
+# -- the device's ioctl table ------------------------------------------------
+
+
+def _create_session(call: DeviceCall, arg: ctypes.Structure) -> int:
+    assert isinstance(arg, uapi.liveupdate_ioctl_create_session)
+    name = parse_name(arg.name)
+    session = call.luo.create_session(name, call.owner)
+    try:
+        fd = call.bind_session(session)
+    except OSError:
+        del call.luo.outgoing[name]
+        raise
+    arg.fd = -1
+    return fd
+
+
+def _retrieve_session(call: DeviceCall, arg: ctypes.Structure) -> int:
+    assert isinstance(arg, uapi.liveupdate_ioctl_retrieve_session)
+    name = parse_name(arg.name)
+    session = call.luo.retrieve_session(name, call.owner)
+    try:
+        fd = call.bind_session(session)
+    except OSError:
+        session.retrieved = False
+        raise
+    arg.fd = -1
+    return fd
+
+
+DEVICE_OPS: list[IoctlOp[DeviceCall]] = [
+    IoctlOp(uapi.CREATE_SESSION, _create_session),
+    IoctlOp(uapi.RETRIEVE_SESSION, _retrieve_session),
+]
+
+
+def device_table() -> DispatchTable[DeviceCall]:
+    """The device's table, built from ``DEVICE_OPS`` (extensions included)."""
+    return DispatchTable(uapi.FdKind.DEVICE, DEVICE_OPS)
+
+
+def session_table() -> DispatchTable[SessionCall]:
+    """The session fd's table, built from ``SESSION_OPS`` (extensions included)."""
+    return DispatchTable(uapi.FdKind.SESSION, SESSION_OPS)
+
+
+DEVICE_TABLE = device_table()

@@ -1,0 +1,238 @@
+"""Sessions: named groups of preserved files, and the session fd's ioctl table.
+
+The analog of ``kernel/liveupdate/luo_session.c``. A session is *outgoing*
+when it was created in this generation (files can be added) and *incoming*
+when it was handed over by the previous one (files can be taken back, then
+the session is finished).
+
+The session ioctls are implemented here as small handlers behind the generic
+dispatcher; each receives a :class:`SessionCall` and a zero-filled struct and
+raises :class:`OSError` with the contract's errno on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from liveupdate import uapi
+from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile, file_key
+from liveupdate.dispatch import IoctlOp
+
+if TYPE_CHECKING:
+    from liveupdate.core.luo import Orchestrator
+
+__all__ = ["SESSION_OPS", "Owner", "Session", "SessionCall", "parse_name"]
+
+Direction = uapi.SessionDirection
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Credentials of the process that created a session (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def parse_name(field_: ctypes.Array[ctypes.c_uint8]) -> bytes:
+    """Validate a 64-byte name field: 1..63 bytes then a NUL, else ``EINVAL``.
+
+    Bytes after the first NUL are ignored, as in Linux.
+    """
+    raw = bytes(field_)
+    end = raw.find(b"\0")
+    if end < 0:
+        raise OSError(errno.EINVAL, "session name has no terminating NUL")
+    if end == 0:
+        raise OSError(errno.EINVAL, "session name is empty")
+    return raw[:end]
+
+
+@dataclass(eq=False)
+class Session:
+    """One session and its files in preservation order.
+
+    Attributes:
+        name: 1 to 63 bytes, no NUL.
+        direction: Outgoing (this generation) or incoming (handed over).
+        owner: Who created it; kept across reboots.
+        created: When it was first created (Unix time), kept across reboots.
+        flags: Extension flags kept across reboots.
+        files: Token -> file, in preservation order (dicts keep it).
+        retrieved: An incoming session that was retrieved (it can be once).
+        finished: An incoming session that was finished.
+        endpoint: Whatever the transport attached (luod's socket end).
+    """
+
+    name: bytes
+    direction: uapi.SessionDirection
+    owner: Owner
+    created: float = field(default_factory=time.time)
+    flags: int = 0
+    files: dict[int, PreservedFile] = field(default_factory=dict)
+    retrieved: bool = False
+    finished: bool = False
+    endpoint: Any = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name.decode(errors="backslashreplace")
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self.display_name!r} {self.direction.name.lower()} files={len(self.files)}>"
+        )
+
+
+@dataclass
+class SessionCall:
+    """Context of one ioctl on a session fd.
+
+    ``fds_in`` are the fds that came with the call; a handler that keeps one
+    removes it from the list, and the transport closes whatever is left.
+    """
+
+    luo: Orchestrator
+    session: Session
+    fds_in: list[int] = field(default_factory=list)
+
+
+def _usable_fd(fds_in: list[int]) -> tuple[int, os.stat_result]:
+    """The one fd attached to PRESERVE_FD, fstat'ed, else ``EBADF``."""
+    if len(fds_in) != 1:
+        raise OSError(errno.EBADF, f"{len(fds_in)} fds attached, expected 1")
+    fd = fds_in[0]
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & _O_PATH:
+            raise OSError(errno.EBADF, "an O_PATH fd cannot be preserved")
+        return fd, os.fstat(fd)
+    except OSError as exc:
+        raise OSError(errno.EBADF, exc.strerror or "bad fd") from None
+
+
+def preserve_file(
+    luo: Orchestrator, session: Session, token: int, fds_in: list[int]
+) -> PreservedFile:
+    """Add the fd in ``fds_in`` to ``session`` under ``token``.
+
+    Checks in Linux 7.3's order: EEXIST, ENOSPC, EBADF, ENOENT, EBUSY, then
+    the handler's own error. On success the fd leaves ``fds_in``: the
+    orchestrator now owns it.
+    """
+    if token in session.files:
+        raise OSError(errno.EEXIST, f"token {token:#x} already used in this session")
+    if len(session.files) >= luo.limits.max_files:
+        raise OSError(errno.ENOSPC, f"session holds {luo.limits.max_files} files")
+    fd, st = _usable_fd(fds_in)
+    registry: HandlerRegistry = luo.registry
+    handler = registry.find(fd, st)
+    key: FileKey = file_key(fd, st)
+    if key in luo.preserved:
+        raise OSError(errno.EBUSY, "this file is already preserved")
+    file = PreservedFile(token, handler, fd, key)
+    handler.preserve(file)
+    fds_in.remove(fd)
+    session.files[token] = file
+    luo.preserved[key] = file
+    return file
+
+
+def unpreserve_all(luo: Orchestrator, session: Session) -> None:
+    """Release an outgoing session's files, last preserved first."""
+    for file in reversed(list(session.files.values())):
+        try:
+            file.handler.unpreserve(file)
+        finally:
+            luo.preserved.pop(file.key, None)
+            file.release()
+    session.files.clear()
+
+
+def retrieve_file(luo: Orchestrator, session: Session, token: int) -> int:
+    """A new fd (a dup) for the incoming file ``token``; errors are sticky."""
+    file = session.files.get(token)
+    if file is None or session.finished:
+        raise OSError(errno.ENOENT, f"no file with token {token:#x}")
+    if file.retrieve_errno:
+        raise OSError(file.retrieve_errno, "an earlier retrieval of this file failed")
+    if not file.retrieved:
+        try:
+            file.handler.retrieve(file)
+        except OSError as exc:
+            file.retrieve_errno = exc.errno or errno.EIO
+            raise
+        file.retrieved = True
+        # From now on the file counts as preserved until FINISH (C21).
+        luo.preserved.setdefault(file.key, file)
+    return os.dup(file.fd)
+
+
+def finish_session(luo: Orchestrator, session: Session, force: bool = False) -> None:
+    """FINISH: ask every file, then finish them all; idempotent.
+
+    ``force`` finishes even files that refuse (the session's fd was closed:
+    there is nobody left to retry).
+    """
+    if session.finished:
+        return
+    files = list(session.files.values())
+    if not force:
+        for file in files:
+            if not file.handler.can_finish(file):
+                raise OSError(errno.EBUSY, f"file {file.token:#x} cannot finish yet")
+    for file in files:
+        try:
+            file.handler.finish(file)
+        finally:
+            if luo.preserved.get(file.key) is file:
+                del luo.preserved[file.key]
+            file.release()
+    session.finished = True
+    luo.session_finished(session)
+
+
+# -- the session fd's ioctl table -------------------------------------------
+
+
+def _preserve_fd(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.liveupdate_session_preserve_fd)
+    preserve_file(call.luo, call.session, arg.token, call.fds_in)
+
+
+def _retrieve_fd(call: SessionCall, arg: ctypes.Structure) -> int:
+    assert isinstance(arg, uapi.liveupdate_session_retrieve_fd)
+    fd = retrieve_file(call.luo, call.session, arg.token)
+    arg.fd = -1  # the real number is the receiver's to fill in
+    return fd
+
+
+def _finish(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.liveupdate_session_finish)
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    finish_session(call.luo, call.session)
+
+
+def _get_name(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.liveupdate_session_get_name)
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    ctypes.memmove(arg.name, call.session.name, len(call.session.name))
+
+
+#: The upstream session ioctls; extensions append their entries here before
+#: :func:`liveupdate.core.luo.session_table` builds the table.
+SESSION_OPS: list[IoctlOp[SessionCall]] = [
+    IoctlOp(uapi.PRESERVE_FD, _preserve_fd),
+    IoctlOp(uapi.RETRIEVE_FD, _retrieve_fd),
+    IoctlOp(uapi.FINISH, _finish),
+    IoctlOp(uapi.GET_NAME, _get_name),
+]

@@ -1,0 +1,139 @@
+"""The one generic ioctl dispatcher.
+
+Modelled on ``fwctl_fops_ioctl()``: a table per kind of fd maps ioctl numbers
+to an :class:`IoctlOp` (the ABI facts of :class:`liveupdate.uapi.IoctlInfo`
+plus a handler). :func:`dispatch` alone reads the caller's ``size``,
+validates it, builds the zero-filled struct the handler works on and copies
+the reply out. Handlers never see a size or a raw buffer; they receive a
+fully initialised ``ctypes`` struct and either return normally (success) or
+raise :class:`OSError` carrying the errno of the contract.
+
+The order of the checks is fixed by ``uapi.md`` ("Dispatch order") and must
+not change: ENOTTY, EFAULT, direction EINVAL, minimum-size EINVAL, E2BIG,
+handler on a zero-filled copy, ``min(size, sizeof)`` bytes back, nothing
+back on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from liveupdate import uapi
+
+__all__ = ["DispatchTable", "IoctlOp", "Reply", "dispatch"]
+
+Ctx = TypeVar("Ctx")
+
+#: A handler receives the per-call context and the struct to work on. It
+#: returns the fd to hand back for ``fd_out`` ioctls (``None`` otherwise) and
+#: reports failure by raising :class:`OSError`.
+Handler = Callable[[Ctx, ctypes.Structure], "int | None"]
+
+_SIZE = struct.Struct("=I")
+
+
+@dataclass(frozen=True)
+class IoctlOp(Generic[Ctx]):
+    """One dispatch table entry: what the ABI says, and who implements it."""
+
+    info: uapi.IoctlInfo
+    handler: Handler[Ctx]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The outcome of one call.
+
+    Attributes:
+        ret: 0 or a negative errno, as a kernel ioctl handler returns it.
+        out: The bytes to copy back to the caller: ``min(size, sizeof)``
+            bytes of the updated struct on success, empty on failure.
+        fd: The fd a successful ``fd_out`` ioctl hands back, else ``None``.
+            Ownership passes to whoever sends the reply.
+    """
+
+    ret: int
+    out: bytes = b""
+    fd: int | None = None
+
+    @classmethod
+    def error(cls, err: int) -> Reply:
+        return cls(-err)
+
+
+class DispatchTable(Generic[Ctx]):
+    """The ioctl table of one kind of fd, indexed by nr like fwctl's."""
+
+    def __init__(self, kind: uapi.FdKind, ops: Iterable[IoctlOp[Ctx]]) -> None:
+        self.kind = kind
+        self._ops: dict[int, IoctlOp[Ctx]] = {}
+        for op in ops:
+            nr = uapi._IOC_NR(op.info.cmd)
+            if op.info.on is not kind:
+                raise ValueError(f"{op.info.name} is not a {kind.value} ioctl")
+            if nr in self._ops:
+                raise ValueError(f"two entries for nr {nr:#x}")
+            self._ops[nr] = op
+
+    @property
+    def ops(self) -> Mapping[int, IoctlOp[Ctx]]:
+        """The entries, by nr."""
+        return self._ops
+
+    def lookup(self, cmd: int) -> IoctlOp[Ctx] | None:
+        """The entry for ``cmd``, or ``None`` when the fd does not support it."""
+        if uapi._IOC_TYPE(cmd) != uapi.LIVEUPDATE_IOCTL_TYPE:
+            return None
+        op = self._ops.get(uapi._IOC_NR(cmd))
+        # The full number must match: this rejects direction and size bits.
+        if op is None or op.info.cmd != cmd:
+            return None
+        return op
+
+
+def dispatch(
+    table: DispatchTable[Ctx],
+    cmd: int,
+    arg: bytes | bytearray | memoryview,
+    ctx: Ctx,
+    direction: uapi.SessionDirection | None = None,
+) -> Reply:
+    """Run one ioctl ``cmd`` with argument bytes ``arg`` through ``table``.
+
+    ``arg`` is everything the caller's memory holds for the call (the wire's
+    argument bytes). ``direction`` is the direction of the session the call
+    is made on, ``None`` for the device. Handler exceptions other than
+    :class:`OSError` propagate: they are bugs, not caller mistakes.
+    """
+    op = table.lookup(cmd)
+    if op is None:
+        return Reply.error(errno.ENOTTY)
+    if len(arg) < _SIZE.size:
+        return Reply.error(errno.EFAULT)
+    (size,) = _SIZE.unpack_from(arg)
+    if len(arg) < size:
+        return Reply.error(errno.EFAULT)
+    info = op.info
+    if info.direction is not None and direction is not None and direction != info.direction:
+        return Reply.error(errno.EINVAL)
+    if size < info.min_size:
+        return Reply.error(errno.EINVAL)
+    known = info.sizeof
+    if size > known and memoryview(arg)[known:size].tobytes().strip(b"\0"):
+        return Reply.error(errno.E2BIG)
+
+    # Zero-filled struct with the caller's bytes on top: an older, shorter
+    # struct reads its missing tail as zero.
+    obj = info.struct()
+    ncopy = min(size, known)
+    ctypes.memmove(ctypes.addressof(obj), bytes(memoryview(arg)[:ncopy]), ncopy)
+    try:
+        fd = op.handler(ctx, obj)
+    except OSError as exc:
+        return Reply.error(exc.errno or errno.EINVAL)
+    return Reply(0, ctypes.string_at(ctypes.addressof(obj), ncopy), fd)

@@ -1,0 +1,334 @@
+"""luod's transport: the device socket, session socketpairs, one event loop.
+
+Every connection the daemon serves is an :class:`Endpoint`: a device
+connection (accepted on the listening socket, greeted with a hello) or the
+daemon's end of a session's socketpair. Requests are decoded by
+:mod:`liveupdate.wire`, run through :func:`liveupdate.dispatch.dispatch`
+against the core's tables, and answered in order, one reply per message.
+
+The loop is single-threaded (``selectors``): the core is never entered
+concurrently, so it needs no locks, exactly like a kernel driver under its
+mutex. A client that does not read its replies only stalls itself: its
+endpoint stops being read until the replies drain.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from liveupdate import uapi, wire
+from liveupdate.core.luo import DeviceCall, Orchestrator, device_table, session_table
+from liveupdate.core.session import Owner, Session, SessionCall
+from liveupdate.dispatch import DispatchTable, Reply, dispatch
+from liveupdate.server.logs import event
+
+__all__ = ["DeviceServer", "Endpoint"]
+
+_CRED = struct.Struct("3i")
+#: Receive buffer: one full request plus one byte, so an oversized message
+#: shows up as truncated (its true length comes from MSG_TRUNC).
+_RECV_BUF = wire.REQUEST_HEADER.size + wire.MAX_ARG_LEN + 1
+_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+
+
+def peer_owner(sock: socket.socket) -> Owner:
+    """``SO_PEERCRED`` of a connected Unix socket."""
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return Owner(pid, uid, gid)
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock`` has closed its end (no waiting)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | _HUNG_UP)
+    return any(ev & _HUNG_UP for _fd, ev in poller.poll(0))
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One socket luod serves.
+
+    Attributes:
+        sock: The daemon's side, non-blocking.
+        owner: The peer's credentials (for a session: its creator's).
+        session: ``None`` for a device connection.
+        pending: Replies not yet accepted by the peer's socket.
+    """
+
+    sock: socket.socket
+    owner: Owner
+    session: Session | None = None
+    pending: collections.deque[tuple[bytes, int | None]] = field(default_factory=collections.deque)
+    closed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "device" if self.session is None else "session"
+
+
+class DeviceServer:
+    """Serves one :class:`Orchestrator` on a listening socket.
+
+    Args:
+        luo: The generation to serve.
+        listener: A bound, listening ``AF_UNIX``/``SOCK_SEQPACKET`` socket.
+    """
+
+    def __init__(self, luo: Orchestrator, listener: socket.socket) -> None:
+        self.luo = luo
+        self.listener = listener
+        listener.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.device: Endpoint | None = None
+        self.endpoints: set[Endpoint] = set()
+        self.device_table: DispatchTable[DeviceCall] = device_table()
+        self.session_table: DispatchTable[SessionCall] = session_table()
+        self._stop = False
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+        #: Work to run between two events (e.g. a reboot requested by an ioctl,
+        #: which must happen after its reply was sent).
+        self.deferred: collections.deque[Callable[[], None]] = collections.deque()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the loop cleanly; the wakeup fd breaks the wait."""
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, _frame: object) -> None:
+        event("signal", signal=signal.Signals(signum).name)
+        self._stop = True
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop` or a stop signal."""
+        while not self._stop:
+            for key, mask in self.selector.select(timeout=None):
+                if key.fileobj is self.listener:
+                    self._accept()
+                elif key.fileobj is self._wakeup_r:
+                    self._drain_wakeup()
+                else:
+                    ep: Endpoint = key.data
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(ep)
+                    if mask & selectors.EVENT_READ and not ep.closed:
+                        self._serve(ep)
+            while self.deferred:
+                self.deferred.popleft()()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wakeup_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close_connections(self) -> None:
+        """Close every device and session endpoint without releasing sessions.
+
+        Used by a reboot: the old generation's fds die with their sockets,
+        while the files stay held by the orchestrator for the next one.
+        """
+        for ep in list(self.endpoints):
+            self._drop(ep)
+        self.device = None
+
+    def close(self) -> None:
+        """Tear down the loop (the listening socket is the caller's)."""
+        self.close_connections()
+        self.selector.close()
+        signal.set_wakeup_fd(-1)
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+
+    # -- device connections ---------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS: leave it in the backlog for later.
+                event("accept-failed", logging.WARNING, error=exc.strerror)
+                return
+            self._open_device(sock)
+
+    def _open_device(self, sock: socket.socket) -> None:
+        owner = peer_owner(sock)
+        status = 0
+        try:
+            self.luo.check_open()
+        except OSError as exc:
+            status = -(exc.errno or errno.EIO)
+        # Single opener. A client that closed and reopened at once must not see
+        # EBUSY just because its hang-up has not been processed yet.
+        if status == 0 and self.device is not None:
+            if hung_up(self.device.sock):
+                self._close(self.device)
+            else:
+                status = -errno.EBUSY
+        try:
+            sock.sendall(wire.encode_hello(status))
+        except OSError:
+            sock.close()
+            return
+        if status != 0:
+            event("device-refused", logging.DEBUG, pid=owner.pid, errno=-status)
+            sock.close()
+            return
+        ep = Endpoint(sock, owner)
+        self._register(ep)
+        self.device = ep
+        event("device-opened", pid=owner.pid, uid=owner.uid)
+
+    # -- sessions -------------------------------------------------------------
+
+    def bind_session(self, session: Session) -> int:
+        """Give ``session`` a socketpair; returns the client's end to send."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ep = Endpoint(ours, session.owner, session)
+        session.endpoint = ep
+        self._register(ep)
+        return theirs.detach()
+
+    # -- serving --------------------------------------------------------------
+
+    def _register(self, ep: Endpoint) -> None:
+        ep.sock.setblocking(False)
+        self.endpoints.add(ep)
+        self.selector.register(ep.sock, selectors.EVENT_READ, ep)
+
+    def _serve(self, ep: Endpoint) -> None:
+        """Answer the messages waiting on ``ep``, one reply each."""
+        while not ep.closed and not ep.pending:
+            try:
+                msg = wire.recv_message(ep.sock, _RECV_BUF, flags=socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(ep)
+                return
+            if msg.length == 0 and not msg.fds:
+                self._close(ep)  # EOF, or a zero-length message: both mean close
+                return
+            try:
+                reply = self._handle(ep, msg)
+            except Exception:
+                # A bug in the orchestrator must not take the daemon (and every
+                # preserved file) down: answer EIO and keep serving.
+                event("internal-error", logging.ERROR, exc_info=True, endpoint=ep.kind)
+                reply = Reply.error(errno.EIO)
+            finally:
+                wire.close_fds(msg.fds)
+            self._reply(ep, wire.encode_reply(reply.ret, reply.out), reply.fd)
+
+    def _handle(self, ep: Endpoint, msg: wire.Message) -> Reply:
+        try:
+            req = wire.decode_request(msg.data, msg.length)
+        except wire.FramingError as exc:
+            event("bad-request", logging.DEBUG, endpoint=ep.kind, errno=exc.errno, why=str(exc))
+            return Reply.error(exc.errno)
+        if msg.fds_truncated:
+            # Our own fd table is full: the kernel dropped what was sent.
+            event("fds-dropped", logging.WARNING, endpoint=ep.kind)
+            return Reply.error(errno.ENOMEM)
+        if ep.session is None:
+            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds)
+            reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
+        else:
+            scall = SessionCall(self.luo, ep.session, msg.fds)
+            reply = dispatch(self.session_table, req.cmd, req.arg, scall, ep.session.direction)
+        self._log_call(ep, req.cmd, reply)
+        return reply
+
+    def _log_call(self, ep: Endpoint, cmd: int, reply: Reply) -> None:
+        info = uapi.IOCTLS.get(cmd)
+        name = info.name if info else f"{cmd:#x}"
+        fields: dict[str, Any] = {"ioctl": name, "pid": ep.owner.pid}
+        if ep.session is not None:
+            fields["session"] = ep.session.display_name
+        if reply.ret:
+            fields["errno"] = errno.errorcode.get(-reply.ret, str(-reply.ret))
+            event("ioctl-failed", logging.DEBUG, **fields)
+        else:
+            event("ioctl", logging.DEBUG, **fields)
+
+    def _reply(self, ep: Endpoint, data: bytes, fd: int | None) -> None:
+        ep.pending.append((data, fd))
+        self._flush(ep)
+
+    def _flush(self, ep: Endpoint) -> None:
+        while ep.pending and not ep.closed:
+            data, fd = ep.pending[0]
+            try:
+                wire.send_message(ep.sock, data, [] if fd is None else [fd])
+            except (BlockingIOError, InterruptedError):
+                self.selector.modify(ep.sock, selectors.EVENT_WRITE, ep)
+                return
+            except OSError:
+                self._close(ep)  # the peer is gone: its reply has nowhere to go
+                return
+            ep.pending.popleft()
+            if fd is not None:
+                os.close(fd)
+        if not ep.closed:
+            # Requests that queued meanwhile are reported again (level-triggered).
+            self.selector.modify(ep.sock, selectors.EVENT_READ, ep)
+
+    def _drop(self, ep: Endpoint) -> None:
+        """Close the socket and forget the endpoint, without touching its session."""
+        if ep.closed:
+            return
+        ep.closed = True
+        for _data, fd in ep.pending:
+            if fd is not None:
+                os.close(fd)
+        ep.pending.clear()
+        self.endpoints.discard(ep)
+        try:
+            self.selector.unregister(ep.sock)
+        except (KeyError, ValueError):
+            pass
+        ep.sock.close()
+        if ep.session is not None and ep.session.endpoint is ep:
+            ep.session.endpoint = None
+
+    def _close(self, ep: Endpoint) -> None:
+        """The peer closed ``ep``: release its session or free the device."""
+        session = ep.session
+        self._drop(ep)
+        if session is None:
+            if self.device is ep:
+                self.device = None
+                event("device-closed", pid=ep.owner.pid)
+            return
+        nfiles = len(session.files)
+        self.luo.release_session(session)
+        event(
+            "session-released",
+            session=session.display_name,
+            direction=session.direction.name.lower(),
+            files=nfiles,
+        )

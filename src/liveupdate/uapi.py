@@ -1,0 +1,450 @@
+"""The Live Update Orchestrator userspace API, byte for byte.
+
+This module is the Python twin of Linux's ``include/uapi/linux/liveupdate.h``
+plus the extension blocks that only ``luod`` implements. Everything the other
+layers know about the ABI comes from here: ioctl numbers, struct layouts
+(``ctypes``), which fields carry file descriptors and which session direction
+an operation is valid on.
+
+Design rules the structs follow (from the review of the LUO ioctl interface):
+
+* every ioctl has its own struct, whose first field is ``u32 size``;
+* ioctl numbers are ``_IO(LIVEUPDATE_IOCTL_TYPE, nr)``: no direction, no size;
+* numbers are packed from a named base inside one enum-like block, so that two
+  additions can never take the same number;
+* fields are fixed-width, file descriptors are ``s32``, ``u64`` is 8-aligned,
+  there is no implicit padding;
+* the documentation lives on the struct (``struct NAME - ioctl(IOCTL_NAME)``,
+  then one line per field), and the API reference is generated from it.
+
+Struct class names keep the Linux spelling on purpose, so that C headers,
+kernel documentation and this module can be read side by side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "IOCTLS",
+    "LIVEUPDATE_CMD_BASE",
+    "LIVEUPDATE_CMD_SESSION_BASE",
+    "LIVEUPDATE_IOCTL_CREATE_SESSION",
+    "LIVEUPDATE_IOCTL_RETRIEVE_SESSION",
+    "LIVEUPDATE_IOCTL_TYPE",
+    "LIVEUPDATE_SESSION_FINISH",
+    "LIVEUPDATE_SESSION_GET_NAME",
+    "LIVEUPDATE_SESSION_NAME_LENGTH",
+    "LIVEUPDATE_SESSION_PRESERVE_FD",
+    "LIVEUPDATE_SESSION_RETRIEVE_FD",
+    "LUOD_CMD_BASE",
+    "LUOD_CMD_SESSION_BASE",
+    "_IO",
+    "_IOC_DIR_SIZE",
+    "_IOC_NR",
+    "_IOC_TYPE",
+    "FdKind",
+    "IoctlInfo",
+    "LiveupdateCmd",
+    "LiveupdateSessionCmd",
+    "LuodCmd",
+    "LuodSessionCmd",
+    "SessionDirection",
+    "liveupdate_ioctl_create_session",
+    "liveupdate_ioctl_retrieve_session",
+    "liveupdate_session_finish",
+    "liveupdate_session_get_name",
+    "liveupdate_session_preserve_fd",
+    "liveupdate_session_retrieve_fd",
+    "min_size",
+]
+
+# ---------------------------------------------------------------------------
+# Number encoding (x86-64, arm64, riscv: the asm-generic layout)
+# ---------------------------------------------------------------------------
+
+#: The ioctl type byte of every LUO command.
+LIVEUPDATE_IOCTL_TYPE: Final = 0xBA
+
+#: Size of a session name field, terminating NUL included.
+LIVEUPDATE_SESSION_NAME_LENGTH: Final = 64
+
+_IOC_NRBITS: Final = 8
+_IOC_TYPEBITS: Final = 8
+_IOC_NRSHIFT: Final = 0
+_IOC_TYPESHIFT: Final = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT: Final = _IOC_TYPESHIFT + _IOC_TYPEBITS
+
+
+def _IO(type_: int, nr: int) -> int:
+    """Build an ioctl number with no direction and no size, like ``_IO()``."""
+    return (type_ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT)
+
+
+def _IOC_TYPE(cmd: int) -> int:
+    """The type byte of an ioctl number."""
+    return (cmd >> _IOC_TYPESHIFT) & 0xFF
+
+
+def _IOC_NR(cmd: int) -> int:
+    """The command number within its type."""
+    return (cmd >> _IOC_NRSHIFT) & 0xFF
+
+
+def _IOC_DIR_SIZE(cmd: int) -> int:
+    """Direction and size bits (16..31); zero for every valid LUO number."""
+    return (cmd >> _IOC_SIZESHIFT) & 0xFFFF
+
+
+# ---------------------------------------------------------------------------
+# Command blocks. Each block is packed from its base: a new command is added
+# at the end of its block and takes the next number automatically.
+# ---------------------------------------------------------------------------
+
+#: First command nr on the device (``/dev/liveupdate`` or luod's socket).
+LIVEUPDATE_CMD_BASE: Final = 0x00
+#: First command nr on a session fd.
+LIVEUPDATE_CMD_SESSION_BASE: Final = 0x40
+#: First nr of luod's device extensions (never used by upstream Linux).
+LUOD_CMD_BASE: Final = 0x80
+#: First nr of luod's session extensions (never used by upstream Linux).
+LUOD_CMD_SESSION_BASE: Final = 0xC0
+
+
+class LiveupdateCmd(enum.IntEnum):
+    """Upstream device commands (``LIVEUPDATE_CMD_*``)."""
+
+    CREATE_SESSION = LIVEUPDATE_CMD_BASE
+    RETRIEVE_SESSION = enum.auto()
+
+
+class LiveupdateSessionCmd(enum.IntEnum):
+    """Upstream session commands (``LIVEUPDATE_CMD_SESSION_*``)."""
+
+    PRESERVE_FD = LIVEUPDATE_CMD_SESSION_BASE
+    RETRIEVE_FD = enum.auto()
+    FINISH = enum.auto()
+    GET_NAME = enum.auto()
+
+
+class LuodCmd(enum.IntEnum):
+    """luod's device extensions (``LUOD_CMD_*``), packed from 0x80.
+
+    The block is declared here so later extensions are appended in order and
+    can never collide with each other or with upstream numbers.
+    """
+
+    BASE = LUOD_CMD_BASE
+
+
+class LuodSessionCmd(enum.IntEnum):
+    """luod's session extensions (``LUOD_CMD_SESSION_*``), packed from 0xC0."""
+
+    BASE = LUOD_CMD_SESSION_BASE
+
+
+LIVEUPDATE_IOCTL_CREATE_SESSION: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateCmd.CREATE_SESSION)
+LIVEUPDATE_IOCTL_RETRIEVE_SESSION: Final = _IO(
+    LIVEUPDATE_IOCTL_TYPE, LiveupdateCmd.RETRIEVE_SESSION
+)
+LIVEUPDATE_SESSION_PRESERVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.PRESERVE_FD)
+LIVEUPDATE_SESSION_RETRIEVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.RETRIEVE_FD)
+LIVEUPDATE_SESSION_FINISH: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.FINISH)
+LIVEUPDATE_SESSION_GET_NAME: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.GET_NAME)
+
+
+# ---------------------------------------------------------------------------
+# Structs
+# ---------------------------------------------------------------------------
+
+_NameField = ctypes.c_uint8 * LIVEUPDATE_SESSION_NAME_LENGTH
+
+
+class liveupdate_ioctl_create_session(ctypes.Structure):
+    """struct liveupdate_ioctl_create_session - ioctl(LIVEUPDATE_IOCTL_CREATE_SESSION)
+
+    @size: Input; sizeof(struct liveupdate_ioctl_create_session).
+    @fd: Output; the new session's file descriptor (close-on-exec). Its input value is ignored.
+    @name: Input; the session name: 1 to 63 bytes followed by a NUL.
+
+    Creates an outgoing session: a named group of files that is preserved
+    across the next live update for as long as its fd stays open.
+
+    Return: 0 and the session fd in @fd; EINVAL for an empty name or one
+    without a NUL, ENOMEM when the session limit is reached, EEXIST when an
+    outgoing session already has this name.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("name", _NameField),
+    ]
+
+
+class liveupdate_ioctl_retrieve_session(ctypes.Structure):
+    """struct liveupdate_ioctl_retrieve_session - ioctl(LIVEUPDATE_IOCTL_RETRIEVE_SESSION)
+
+    @size: Input; sizeof(struct liveupdate_ioctl_retrieve_session).
+    @fd: Output; the retrieved session's file descriptor (close-on-exec).
+    @name: Input; the name of an incoming session, NUL-terminated.
+
+    Opens a session handed over by the previous generation. A session can
+    be retrieved once; its files are then taken back with
+    LIVEUPDATE_SESSION_RETRIEVE_FD and it is closed with LIVEUPDATE_SESSION_FINISH.
+
+    Return: 0 and the session fd in @fd; ENOENT when no incoming session has
+    this name, EINVAL when it was already retrieved or the name is malformed.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("name", _NameField),
+    ]
+
+
+class liveupdate_session_preserve_fd(ctypes.Structure):
+    """struct liveupdate_session_preserve_fd - ioctl(LIVEUPDATE_SESSION_PRESERVE_FD)
+
+    @size: Input; sizeof(struct liveupdate_session_preserve_fd).
+    @fd: Input; the file descriptor to preserve (on luod's socket it travels as SCM_RIGHTS).
+    @token: Input; a 64-bit key, unique within the session, to retrieve the file by.
+
+    Adds a file to an outgoing session. The orchestrator keeps its own
+    reference: the caller may close @fd afterwards.
+
+    Return: 0; EINVAL on an incoming session, EEXIST when @token is taken,
+    ENOSPC when the session is full, EBADF for an unusable fd, ENOENT when no
+    handler can preserve this kind of file, EBUSY when the file is already
+    preserved.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("token", ctypes.c_uint64),
+    ]
+
+
+class liveupdate_session_retrieve_fd(ctypes.Structure):
+    """struct liveupdate_session_retrieve_fd - ioctl(LIVEUPDATE_SESSION_RETRIEVE_FD)
+
+    @size: Input; sizeof(struct liveupdate_session_retrieve_fd).
+    @fd: Output; a new file descriptor for the preserved file (close-on-exec).
+    @token: Input; the token the file was preserved under.
+
+    Takes a file back from an incoming session. It may be repeated: every
+    success returns a new fd to the same open file; a failure is sticky.
+
+    Return: 0 and the fd in @fd; EINVAL on an outgoing session, ENOENT for an
+    unknown token or after FINISH.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("token", ctypes.c_uint64),
+    ]
+
+
+class liveupdate_session_finish(ctypes.Structure):
+    """struct liveupdate_session_finish - ioctl(LIVEUPDATE_SESSION_FINISH)
+
+    @size: Input; sizeof(struct liveupdate_session_finish).
+    @reserved: Input; must be 0.
+
+    Completes an incoming session: every file is first asked whether it can
+    finish, then all are finished; files never retrieved are discarded. A
+    second FINISH succeeds and does nothing.
+
+    Return: 0; EINVAL on an outgoing session or when @reserved is not 0,
+    EBUSY when a file refuses to finish yet (nothing changed).
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class liveupdate_session_get_name(ctypes.Structure):
+    """struct liveupdate_session_get_name - ioctl(LIVEUPDATE_SESSION_GET_NAME)
+
+    @size: Input; sizeof(struct liveupdate_session_get_name).
+    @reserved: Input; must be 0.
+    @name: Output; the session's name, NUL-terminated.
+
+    Reads the name of any session, outgoing or incoming.
+
+    Return: 0 and the name in @name; EINVAL when @reserved is not 0.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("name", _NameField),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Facts about each ioctl, shared by the dispatcher, the wire and the client
+# ---------------------------------------------------------------------------
+
+
+class FdKind(enum.Enum):
+    """Which kind of file descriptor an ioctl is issued on."""
+
+    DEVICE = "device"
+    SESSION = "session"
+
+
+class SessionDirection(enum.IntEnum):
+    """Direction of a session: created in this generation, or handed over."""
+
+    OUTGOING = 1
+    INCOMING = 2
+
+
+@dataclass(frozen=True)
+class IoctlInfo:
+    """Everything the ABI says about one ioctl.
+
+    Attributes:
+        name: The Linux (or luod extension) name, e.g. ``LIVEUPDATE_IOCTL_CREATE_SESSION``.
+        cmd: The full ioctl number.
+        struct: The ``ctypes`` structure the ioctl takes.
+        last_field: The struct's last mandatory field; the minimum accepted
+            ``size`` is the offset of the end of this field.
+        on: Whether the ioctl is issued on the device or on a session fd.
+        direction: The session direction it is valid on (``None``: any).
+        fd_in: The struct's ``fd`` field names a file the caller hands over
+            (sent as ``SCM_RIGHTS`` on luod's socket).
+        fd_out: A successful call returns a new fd in the struct's ``fd`` field.
+    """
+
+    name: str
+    cmd: int
+    struct: type[ctypes.Structure]
+    last_field: str
+    on: FdKind
+    direction: SessionDirection | None = None
+    fd_in: bool = False
+    fd_out: bool = False
+
+    @property
+    def min_size(self) -> int:
+        """Smallest ``size`` a caller may pass: the end of the last mandatory field."""
+        return min_size(self.struct, self.last_field)
+
+    @property
+    def sizeof(self) -> int:
+        """Size of the struct as this implementation knows it."""
+        return ctypes.sizeof(self.struct)
+
+
+def min_size(struct: type[ctypes.Structure], last_field: str) -> int:
+    """Offset of the end of ``last_field`` in ``struct``."""
+    field = getattr(struct, last_field)
+    return int(field.offset + field.size)
+
+
+#: Every ioctl this project knows, by number. Extensions are added as they
+#: are implemented; the dispatch tables of the core are built from these.
+IOCTLS: dict[int, IoctlInfo] = {}
+
+
+def _register(info: IoctlInfo) -> IoctlInfo:
+    assert info.cmd not in IOCTLS, f"ioctl number {info.cmd:#x} used twice"
+    IOCTLS[info.cmd] = info
+    return info
+
+
+CREATE_SESSION: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_IOCTL_CREATE_SESSION",
+        LIVEUPDATE_IOCTL_CREATE_SESSION,
+        liveupdate_ioctl_create_session,
+        "name",
+        FdKind.DEVICE,
+        fd_out=True,
+    )
+)
+RETRIEVE_SESSION: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_IOCTL_RETRIEVE_SESSION",
+        LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
+        liveupdate_ioctl_retrieve_session,
+        "name",
+        FdKind.DEVICE,
+        fd_out=True,
+    )
+)
+PRESERVE_FD: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_SESSION_PRESERVE_FD",
+        LIVEUPDATE_SESSION_PRESERVE_FD,
+        liveupdate_session_preserve_fd,
+        "token",
+        FdKind.SESSION,
+        SessionDirection.OUTGOING,
+        fd_in=True,
+    )
+)
+RETRIEVE_FD: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_SESSION_RETRIEVE_FD",
+        LIVEUPDATE_SESSION_RETRIEVE_FD,
+        liveupdate_session_retrieve_fd,
+        "token",
+        FdKind.SESSION,
+        SessionDirection.INCOMING,
+        fd_out=True,
+    )
+)
+FINISH: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_SESSION_FINISH",
+        LIVEUPDATE_SESSION_FINISH,
+        liveupdate_session_finish,
+        "reserved",
+        FdKind.SESSION,
+        SessionDirection.INCOMING,
+    )
+)
+GET_NAME: Final = _register(
+    IoctlInfo(
+        "LIVEUPDATE_SESSION_GET_NAME",
+        LIVEUPDATE_SESSION_GET_NAME,
+        liveupdate_session_get_name,
+        "name",
+        FdKind.SESSION,
+    )
+)
+
+
+def info_by_name(name: str) -> IoctlInfo:
+    """Look an ioctl up by its Linux/luod name."""
+    for info in IOCTLS.values():
+        if info.name == name:
+            return info
+    raise KeyError(name)
+
+
+def encode_name(name: str | bytes) -> bytes:
+    """Encode a session name for the 64-byte ``name`` field (no validation).
+
+    ``str`` names are encoded as UTF-8. The result is not NUL-padded; a
+    ``ctypes`` array assignment pads it.
+    """
+    return name.encode() if isinstance(name, str) else bytes(name)
+
+
+def decode_name(field: ctypes.Array[ctypes.c_uint8] | bytes) -> bytes:
+    """The bytes of a ``name`` field up to (not including) its first NUL."""
+    raw = bytes(field)
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]

@@ -1,0 +1,230 @@
+"""Framing of the LUO ioctl ABI over luod's Unix sockets (wire protocol v1).
+
+The protocol is deliberately thin (see ``wire.md``): a 16-byte hello when a
+device connection opens, then one request message per ioctl (8-byte header +
+the caller's struct bytes) answered by one reply message (8-byte header + the
+bytes written back). File descriptors travel as ``SCM_RIGHTS``.
+
+Both sides use this module: the daemon to decode requests and encode
+replies, the client library to do the reverse. It knows nothing about what
+the structs mean.
+
+Two traps of the standard library are avoided here on purpose:
+
+* ``socket.recv_fds`` ignores its flags and returns inheritable fds; we call
+  ``recvmsg`` with ``MSG_CMSG_CLOEXEC`` ourselves.
+* When the ancillary buffer is too small the kernel closes the fds that did
+  not fit and sets ``MSG_CTRUNC``; we report that instead of losing them
+  silently.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "HELLO",
+    "HELLO_MAGIC",
+    "MAX_ARG_LEN",
+    "MAX_FDS_PER_MESSAGE",
+    "PROTOCOL_VERSION",
+    "REPLY_HEADER",
+    "REQUEST_HEADER",
+    "FramingError",
+    "Message",
+    "Request",
+    "close_fds",
+    "decode_hello",
+    "decode_reply",
+    "decode_request",
+    "encode_hello",
+    "encode_reply",
+    "encode_request",
+    "recv_message",
+    "send_message",
+]
+
+#: ``L U O D`` read as a native little-endian u32.
+HELLO_MAGIC = 0x444F554C
+PROTOCOL_VERSION = 1
+#: magic, version, status (0 or -errno), reserved.
+HELLO = struct.Struct("<IIiI")
+#: cmd, arg_len.
+REQUEST_HEADER = struct.Struct("<II")
+#: ret (0 or -errno), out_len.
+REPLY_HEADER = struct.Struct("<iI")
+#: The largest argument accepted (the cap ``copy_struct_from_user`` suggests).
+MAX_ARG_LEN = 65536
+#: Linux refuses more than SCM_MAX_FD (253) fds in one SCM_RIGHTS message.
+MAX_FDS_PER_MESSAGE = 253
+#: The placeholder the daemon puts in an ``fd`` field it returns as SCM_RIGHTS.
+FD_PLACEHOLDER = -1
+
+_INT_SIZE = array.array("i").itemsize
+
+
+class FramingError(Exception):
+    """A message that does not follow the framing; ``errno`` is the reply to give."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+# -- hello -------------------------------------------------------------------
+
+
+def encode_hello(status: int = 0) -> bytes:
+    """The daemon's first message on a device connection (status 0 or -errno)."""
+    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, status, 0)
+
+
+def decode_hello(data: bytes) -> int:
+    """Check a hello and return its status (0 or a negative errno).
+
+    Raises :class:`FramingError` (``EPROTO``) when the peer does not speak
+    this protocol.
+    """
+    if len(data) != HELLO.size:
+        raise FramingError(errno.EPROTO, f"hello of {len(data)} bytes, expected {HELLO.size}")
+    magic, version, status, _reserved = HELLO.unpack(data)
+    if magic != HELLO_MAGIC:
+        raise FramingError(errno.EPROTO, f"bad hello magic {magic:#x}")
+    if version != PROTOCOL_VERSION:
+        raise FramingError(errno.EPROTO, f"unsupported protocol version {version}")
+    return int(status)
+
+
+# -- requests and replies ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A decoded request: the ioctl number and the caller's argument bytes."""
+
+    cmd: int
+    arg: bytes
+
+
+def encode_request(cmd: int, arg: bytes | bytearray | memoryview) -> bytes:
+    """One request message: header then the argument bytes as the caller holds them."""
+    return REQUEST_HEADER.pack(cmd & 0xFFFFFFFF, len(arg)) + bytes(arg)
+
+
+def decode_request(data: bytes | bytearray | memoryview, length: int | None = None) -> Request:
+    """Decode a request, applying the framing checks of ``wire.md`` in order.
+
+    ``length`` is the true length of the message when ``data`` holds only a
+    truncated prefix of it (a message longer than any valid request). A
+    zero-length message is a close and must be handled before calling this.
+
+    Raises :class:`FramingError` with ``EFAULT`` (short message, ``arg_len``
+    not matching the bytes sent) or ``E2BIG`` (``arg_len`` over the cap).
+    """
+    total = len(data) if length is None else length
+    if total < REQUEST_HEADER.size:
+        raise FramingError(errno.EFAULT, f"request of {total} bytes is shorter than its header")
+    cmd, arg_len = REQUEST_HEADER.unpack_from(data)
+    if arg_len != total - REQUEST_HEADER.size:
+        raise FramingError(
+            errno.EFAULT,
+            f"arg_len {arg_len} but {total - REQUEST_HEADER.size} argument bytes",
+        )
+    if arg_len > MAX_ARG_LEN:
+        raise FramingError(errno.E2BIG, f"arg_len {arg_len} exceeds {MAX_ARG_LEN}")
+    return Request(cmd, bytes(memoryview(data)[REQUEST_HEADER.size : total]))
+
+
+def encode_reply(ret: int, out: bytes = b"") -> bytes:
+    """One reply message: ``ret`` (0 or -errno), then the bytes written back."""
+    return REPLY_HEADER.pack(ret, len(out)) + out
+
+
+def decode_reply(data: bytes) -> tuple[int, bytes]:
+    """Decode a reply into ``(ret, out)``; ``EPROTO`` when malformed."""
+    if len(data) < REPLY_HEADER.size:
+        raise FramingError(errno.EPROTO, f"reply of {len(data)} bytes")
+    ret, out_len = REPLY_HEADER.unpack_from(data)
+    if out_len != len(data) - REPLY_HEADER.size or (ret != 0 and out_len != 0):
+        raise FramingError(errno.EPROTO, "reply length does not match its header")
+    return int(ret), bytes(data[REPLY_HEADER.size :])
+
+
+# -- sending and receiving with SCM_RIGHTS -----------------------------------
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd in ``fds``, ignoring those already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one message with ``fds`` attached as a single ``SCM_RIGHTS`` record."""
+    if len(fds) > MAX_FDS_PER_MESSAGE:
+        raise ValueError(f"at most {MAX_FDS_PER_MESSAGE} fds fit in one message")
+    anc = []
+    if fds:
+        anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+    sock.sendmsg([data], anc)
+
+
+@dataclass
+class Message:
+    """One received message.
+
+    Attributes:
+        data: The bytes received (at most the buffer size asked for).
+        length: The true length of the message; larger than ``len(data)`` when
+            it did not fit (the rest was discarded by the kernel).
+        fds: Close-on-exec fds received with it; the caller owns them.
+        fds_truncated: ``MSG_CTRUNC``: fds were sent that did not fit and the
+            kernel closed them.
+    """
+
+    data: bytes
+    length: int
+    fds: list[int] = field(default_factory=list)
+    fds_truncated: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > len(self.data)
+
+
+def recv_message(
+    sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE, flags: int = 0
+) -> Message:
+    """Receive one message with ``recvmsg(MSG_CMSG_CLOEXEC | MSG_TRUNC)``.
+
+    ``MSG_TRUNC`` makes the kernel report the message's true length even when
+    it is longer than ``bufsize``, so an oversized request can be told apart
+    from a lying header. Every fd received is returned (close-on-exec), even
+    when the message is otherwise unusable, so the caller can close it.
+    """
+    buf = bytearray(bufsize)
+    nbytes, ancdata, msg_flags, _addr = sock.recvmsg_into(
+        [buf],
+        socket.CMSG_SPACE(maxfds * _INT_SIZE),
+        flags | socket.MSG_CMSG_CLOEXEC | socket.MSG_TRUNC,
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _INT_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return Message(
+        bytes(buf[: min(nbytes, bufsize)]),
+        nbytes,
+        fds,
+        bool(msg_flags & socket.MSG_CTRUNC),
+    )
