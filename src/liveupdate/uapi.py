@@ -42,6 +42,11 @@ __all__ = [
     "LIVEUPDATE_SESSION_RETRIEVE_FD",
     "LUOD_CMD_BASE",
     "LUOD_CMD_SESSION_BASE",
+    "LUOD_ERROR_LENGTH",
+    "LUOD_IOCTL_GET_STATE",
+    "LUOD_IOCTL_SET_EVENT",
+    "LUOD_REBOOT_NO_EXEC",
+    "LUOD_SET_EVENT_FLAGS",
     "_IO",
     "_IOC_DIR_SIZE",
     "_IOC_NR",
@@ -51,7 +56,9 @@ __all__ = [
     "LiveupdateCmd",
     "LiveupdateSessionCmd",
     "LuodCmd",
+    "LuodEvent",
     "LuodSessionCmd",
+    "LuodState",
     "SessionDirection",
     "liveupdate_ioctl_create_session",
     "liveupdate_ioctl_retrieve_session",
@@ -59,6 +66,8 @@ __all__ = [
     "liveupdate_session_get_name",
     "liveupdate_session_preserve_fd",
     "liveupdate_session_retrieve_fd",
+    "luod_get_state",
+    "luod_set_event",
     "min_size",
 ]
 
@@ -133,11 +142,12 @@ class LiveupdateSessionCmd(enum.IntEnum):
 class LuodCmd(enum.IntEnum):
     """luod's device extensions (``LUOD_CMD_*``), packed from 0x80.
 
-    The block is declared here so later extensions are appended in order and
-    can never collide with each other or with upstream numbers.
+    New extensions are appended at the end, so they can never collide with
+    each other or with upstream numbers.
     """
 
-    BASE = LUOD_CMD_BASE
+    GET_STATE = LUOD_CMD_BASE
+    SET_EVENT = enum.auto()
 
 
 class LuodSessionCmd(enum.IntEnum):
@@ -154,6 +164,8 @@ LIVEUPDATE_SESSION_PRESERVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSes
 LIVEUPDATE_SESSION_RETRIEVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.RETRIEVE_FD)
 LIVEUPDATE_SESSION_FINISH: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.FINISH)
 LIVEUPDATE_SESSION_GET_NAME: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.GET_NAME)
+LUOD_IOCTL_GET_STATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.GET_STATE)
+LUOD_IOCTL_SET_EVENT: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.SET_EVENT)
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +302,109 @@ class liveupdate_session_get_name(ctypes.Structure):
     ]
 
 
+# -- luod device extensions ---------------------------------------------------
+
+
+class LuodState(enum.IntEnum):
+    """``luod_get_state.state``: the v2 state machine's states."""
+
+    #: Serving; no update under way.
+    NORMAL = 0
+    #: PREPARE passed its pre-flight; a REBOOT is expected.
+    PREPARED = 1
+    #: Transient, during a reboot: sessions frozen, image being written.
+    FROZEN = 2
+    #: Incoming sessions exist that are not all finished yet.
+    UPDATED = 3
+
+
+class LuodEvent(enum.IntEnum):
+    """``luod_set_event.event``: what to do to the state machine."""
+
+    #: Pre-flight: the code that runs next must read this generation's image.
+    PREPARE = 1
+    #: Back from PREPARED.
+    CANCEL = 2
+    #: The live update of luod: freeze, hand over, re-execute.
+    REBOOT = 3
+    #: Finish every incoming session.
+    FINISH = 4
+
+
+#: ``luod_set_event.flags`` for REBOOT: start the next generation within the
+#: same process, without exec.
+LUOD_REBOOT_NO_EXEC: Final = 1 << 0
+#: Every flag bit this implementation knows.
+LUOD_SET_EVENT_FLAGS: Final = LUOD_REBOOT_NO_EXEC
+#: Size of ``luod_get_state.last_error``.
+LUOD_ERROR_LENGTH: Final = 128
+
+
+class luod_get_state(ctypes.Structure):
+    """struct luod_get_state - ioctl(LUOD_IOCTL_GET_STATE)
+
+    @size: Input; sizeof(struct luod_get_state).
+    @state: Output; the state machine's state (enum LuodState: NORMAL, PREPARED, FROZEN, UPDATED).
+    @generation: Output; this generation's live update number (1 after a cold start).
+    @outgoing_sessions: Output; sessions created in this generation and still open.
+    @incoming_sessions: Output; sessions handed over and not yet released.
+    @preserved_files: Output; files held in those sessions.
+    @max_sessions: Output; the outgoing session limit (CREATE_SESSION answers ENOMEM beyond).
+    @max_files: Output; the per-session file limit (PRESERVE_FD answers ENOSPC beyond).
+    @lost_sessions: Output; sessions reported lost at start because the previous holder died.
+    @last_error: Output; why the last state event failed (NUL-terminated text, empty if none).
+
+    Reads the orchestrator's state. Only @size up to @generation is mandatory:
+    an older, shorter struct gets the fields it knows.
+
+    Return: 0.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("state", ctypes.c_uint32),
+        ("generation", ctypes.c_uint64),
+        ("outgoing_sessions", ctypes.c_uint32),
+        ("incoming_sessions", ctypes.c_uint32),
+        ("preserved_files", ctypes.c_uint32),
+        ("max_sessions", ctypes.c_uint32),
+        ("max_files", ctypes.c_uint32),
+        ("lost_sessions", ctypes.c_uint32),
+        ("last_error", ctypes.c_uint8 * LUOD_ERROR_LENGTH),
+    ]
+
+
+class luod_set_event(ctypes.Structure):
+    """struct luod_set_event - ioctl(LUOD_IOCTL_SET_EVENT)
+
+    @size: Input; sizeof(struct luod_set_event).
+    @event: Input; what to do (enum LuodEvent: PREPARE, CANCEL, REBOOT, FINISH).
+    @flags: Input; LUOD_REBOOT_NO_EXEC with REBOOT, else 0.
+    @reserved: Input; must be 0.
+    @generation: Output; the generation that handled the event (a REBOOT's next one is this + 1).
+
+    Drives the v2 state machine. PREPARE runs the pre-flight (the installed
+    luod, in a check mode, must read this generation's handover image) and
+    moves NORMAL to PREPARED; CANCEL moves PREPARED back; REBOOT freezes every
+    outgoing session (rolling back on failure) and starts the next
+    generation once this reply is sent, closing every device and session fd
+    of this one; FINISH finishes every incoming session.
+
+    Return: 0; EOPNOTSUPP for an unknown @event or flag, EINVAL when @reserved
+    is not 0 or the event does not fit the state, EIO when the pre-flight
+    failed (the reason is in luod_get_state.last_error), EBUSY when a file
+    refuses to finish, or the errno of the file whose freeze failed.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("event", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("generation", ctypes.c_uint64),
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Facts about each ioctl, shared by the dispatcher, the wire and the client
 # ---------------------------------------------------------------------------
@@ -422,6 +537,26 @@ GET_NAME: Final = _register(
         liveupdate_session_get_name,
         "name",
         FdKind.SESSION,
+    )
+)
+
+
+GET_STATE: Final = _register(
+    IoctlInfo(
+        "LUOD_IOCTL_GET_STATE",
+        LUOD_IOCTL_GET_STATE,
+        luod_get_state,
+        "generation",
+        FdKind.DEVICE,
+    )
+)
+SET_EVENT: Final = _register(
+    IoctlInfo(
+        "LUOD_IOCTL_SET_EVENT",
+        LUOD_IOCTL_SET_EVENT,
+        luod_set_event,
+        "flags",
+        FdKind.DEVICE,
     )
 )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -37,7 +38,7 @@ from liveupdate.client.transport import (
     transport_for_path,
 )
 
-__all__ = ["Device", "Session", "open_device"]
+__all__ = ["Device", "Session", "StateInfo", "open_device"]
 
 
 class HasFileno(Protocol):
@@ -188,6 +189,21 @@ class Session(_FdObject):
         return f"<liveupdate.Session {name!r} {state} via {self.transport.name}>"
 
 
+@dataclass(frozen=True)
+class StateInfo:
+    """The orchestrator's state as ``LUOD_IOCTL_GET_STATE`` reports it."""
+
+    state: uapi.LuodState
+    generation: int
+    outgoing_sessions: int
+    incoming_sessions: int
+    preserved_files: int
+    max_sessions: int
+    max_files: int
+    lost_sessions: int
+    last_error: str
+
+
 class Device(_FdObject):
     """The open device: creates and retrieves sessions.
 
@@ -217,6 +233,30 @@ class Device(_FdObject):
         """LIVEUPDATE_IOCTL_RETRIEVE_SESSION: the incoming session ``name``."""
         fd = self._session_call(uapi.LIVEUPDATE_IOCTL_RETRIEVE_SESSION, name)
         return Session(fd, self.transport, _name_bytes(name), uapi.SessionDirection.INCOMING)
+
+    def get_state(self) -> StateInfo:
+        """LUOD_IOCTL_GET_STATE (luod only; a kernel answers NotSupportedError)."""
+        arg = uapi.luod_get_state(size=ctypes.sizeof(uapi.luod_get_state))
+        self.ioctl(uapi.LUOD_IOCTL_GET_STATE, arg)
+        return StateInfo(
+            state=uapi.LuodState(arg.state),
+            generation=int(arg.generation),
+            outgoing_sessions=int(arg.outgoing_sessions),
+            incoming_sessions=int(arg.incoming_sessions),
+            preserved_files=int(arg.preserved_files),
+            max_sessions=int(arg.max_sessions),
+            max_files=int(arg.max_files),
+            lost_sessions=int(arg.lost_sessions),
+            last_error=uapi.decode_name(arg.last_error).decode(errors="replace"),
+        )
+
+    def set_event(self, event: uapi.LuodEvent, flags: int = 0) -> int:
+        """LUOD_IOCTL_SET_EVENT: drive the state machine; returns the generation
+        that handled it. After a REBOOT this device fd is dead (the reboot
+        closes it); open the device again to talk to the next generation."""
+        arg = uapi.luod_set_event(size=ctypes.sizeof(uapi.luod_set_event), event=event, flags=flags)
+        self.ioctl(uapi.LUOD_IOCTL_SET_EVENT, arg)
+        return int(arg.generation)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

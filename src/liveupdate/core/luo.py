@@ -12,39 +12,31 @@ core a callback to bind a new session to an fd.
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from liveupdate import uapi
 from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile
 from liveupdate.core.session import (
-    SESSION_OPS,
     Owner,
     Session,
-    SessionCall,
     finish_session,
     parse_name,
     unpreserve_all,
 )
-from liveupdate.dispatch import DispatchTable, IoctlOp
+from liveupdate.dispatch import IoctlOp
 
-__all__ = ["DEVICE_TABLE", "DeviceCall", "Limits", "LuoState", "Orchestrator"]
+__all__ = ["DEVICE_OPS", "DeviceCall", "Limits", "LuoState", "Orchestrator"]
 
 log = logging.getLogger("liveupdate.luo")
 
 Direction = uapi.SessionDirection
 
 
-class LuoState(enum.IntEnum):
-    """The v2 state machine's states (values are ABI: ``luod_get_state.state``)."""
-
-    NORMAL = 0
-    PREPARED = 1
-    FROZEN = 2
-    UPDATED = 3
+LuoState = uapi.LuodState
 
 
 @dataclass(frozen=True)
@@ -68,6 +60,8 @@ class DeviceCall:
     owner: Owner
     bind_session: Callable[[Session], int]
     fds_in: list[int] = field(default_factory=list)
+    #: The host that can reboot the orchestrator (a ``state.RebootHost``).
+    host: Any = None
 
 
 class Orchestrator:
@@ -99,6 +93,14 @@ class Orchestrator:
         self.restore_error: str | None = None
         #: Called with the new state whenever it changes (luod's state file).
         self.on_state_change: Callable[[LuoState], None] | None = None
+        #: Bumped by every change to what would be handed over, so a REBOOT
+        #: can tell whether the PREPARE pre-flight still covers it.
+        self.mutations = 0
+        self.prepared_mark: int | None = None
+        #: Why the last state event failed (GET_STATE's ``last_error``).
+        self.last_error = ""
+        #: Sessions reported lost at start because the previous holder died.
+        self.lost_sessions = 0
 
     # -- state -----------------------------------------------------------
 
@@ -109,10 +111,16 @@ class Orchestrator:
             if self.on_state_change is not None:
                 self.on_state_change(state)
 
+    def resting_state(self) -> LuoState:
+        """UPDATED while an incoming session is unfinished, else NORMAL."""
+        if any(not s.finished for s in self.incoming.values()):
+            return LuoState.UPDATED
+        return LuoState.NORMAL
+
     def session_finished(self, session: Session) -> None:
         """Bookkeeping once an incoming session is finished."""
-        if self.state == LuoState.UPDATED and all(s.finished for s in self.incoming.values()):
-            self.set_state(LuoState.NORMAL)
+        if self.state == LuoState.UPDATED:
+            self.set_state(self.resting_state())
 
     # -- device operations -------------------------------------------------
 
@@ -129,6 +137,7 @@ class Orchestrator:
             raise OSError(errno.EEXIST, "an outgoing session already has this name")
         session = Session(name, Direction.OUTGOING, owner)
         self.outgoing[name] = session
+        self.mutations += 1
         return session
 
     def retrieve_session(self, name: bytes, owner: Owner) -> Session:
@@ -151,6 +160,7 @@ class Orchestrator:
             if self.outgoing.get(session.name) is session:
                 del self.outgoing[session.name]
             unpreserve_all(self, session)
+            self.mutations += 1
             return
         if not session.finished:
             finish_session(self, session, force=True)
@@ -204,20 +214,8 @@ def _retrieve_session(call: DeviceCall, arg: ctypes.Structure) -> int:
     return fd
 
 
+#: The upstream device ioctls; see :mod:`liveupdate.core.tables` for the table.
 DEVICE_OPS: list[IoctlOp[DeviceCall]] = [
     IoctlOp(uapi.CREATE_SESSION, _create_session),
     IoctlOp(uapi.RETRIEVE_SESSION, _retrieve_session),
 ]
-
-
-def device_table() -> DispatchTable[DeviceCall]:
-    """The device's table, built from ``DEVICE_OPS`` (extensions included)."""
-    return DispatchTable(uapi.FdKind.DEVICE, DEVICE_OPS)
-
-
-def session_table() -> DispatchTable[SessionCall]:
-    """The session fd's table, built from ``SESSION_OPS`` (extensions included)."""
-    return DispatchTable(uapi.FdKind.SESSION, SESSION_OPS)
-
-
-DEVICE_TABLE = device_table()

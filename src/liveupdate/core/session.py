@@ -142,6 +142,7 @@ def preserve_file(
     fds_in.remove(fd)
     session.files[token] = file
     luo.preserved[key] = file
+    luo.mutations += 1
     return file
 
 

@@ -15,7 +15,7 @@ import resource
 import socket
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -25,6 +25,13 @@ from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import Limits, LuoState, Orchestrator
 from liveupdate.server import systemd
 from liveupdate.server.logs import event, setup_logging
+from liveupdate.server.reboot import (
+    Faults,
+    Rebooter,
+    report_lost,
+    restore_from_image,
+)
+from liveupdate.server.reboot import check_image as check_image_main
 from liveupdate.server.transport import DeviceServer
 
 __all__ = ["Config", "main", "raise_nofile_limit"]
@@ -49,6 +56,8 @@ class Config:
     max_files: int = Limits.max_files
     log_format: str = "human"
     log_level: str = "info"
+    #: The next generation's command; empty: :func:`default_exec_argv`.
+    exec_argv: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -59,6 +68,24 @@ class Config:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_sessions, self.max_files)
+
+    def to_args(self) -> list[str]:
+        """The options that reproduce this configuration (for the next generation)."""
+        args = [
+            "--socket", self.socket_path,
+            "--socket-mode", f"{self.socket_mode:04o}",
+            "--state-dir", self.state_dir,
+            "--state-file", self.state_file,
+            "--max-sessions", str(self.max_sessions),
+            "--max-files", str(self.max_files),
+            "--log-format", self.log_format,
+            "--log-level", self.log_level,
+        ]  # fmt: skip
+        if self.socket_group is not None:
+            args += ["--socket-group", self.socket_group]
+        if self.exec_argv:
+            args += ["--exec", self.exec_argv[0]]
+        return args
 
 
 def raise_nofile_limit() -> int:
@@ -133,18 +160,64 @@ def write_state_file(path: str, state: LuoState) -> None:
     os.replace(tmp, path)
 
 
-def run(config: Config) -> int:
-    """Start a cold generation and serve until stopped."""
+def default_exec_argv() -> list[str]:
+    """The next generation's command: this interpreter running the installed luod.
+
+    ``python -m liveupdate.server.luod`` imports whatever version of the
+    package is installed at reboot time, so upgrading the package and then
+    rebooting luod runs the new code.
+    """
+    return [sys.executable, "-m", "liveupdate.server.luod"]
+
+
+@dataclass
+class Handover:
+    """What a re-executed luod inherits (hidden options set by the old generation)."""
+
+    image: str
+    listen_fd: int
+    lock_fd: int
+
+
+def run(config: Config, handover: Handover | None = None) -> int:
+    """Serve one generation (cold start, or restored from ``handover``) until stopped."""
     hard = raise_nofile_limit()
-    os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
-    os.makedirs(Path(config.socket_path).parent, mode=0o755, exist_ok=True)
-    lock_fd = acquire_lock(config.state_dir)
-    activated = systemd.listen_fds()
-    listener = socket.socket(fileno=activated[0]) if activated else bind_listener(config)
-    luo = Orchestrator(default_registry(), config.limits)
+    faults = Faults()
+    registry = default_registry()
+    state_dir = Path(config.state_dir)
+    activated: list[int] = []
+    lost = 0
+    if handover is None:
+        os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
+        os.makedirs(Path(config.socket_path).parent, mode=0o755, exist_ok=True)
+        lock_fd = acquire_lock(config.state_dir)
+        activated = systemd.listen_fds()
+        listener = socket.socket(fileno=activated[0]) if activated else bind_listener(config)
+        lost = report_lost(state_dir)
+        luo = Orchestrator(registry, config.limits)
+    else:
+        lock_fd = handover.lock_fd
+        listener = socket.socket(fileno=handover.listen_fd)
+        for fd in (lock_fd, handover.listen_fd):
+            os.set_inheritable(fd, False)
+        luo = restore_from_image(Path(handover.image), registry, config.limits, faults)
+    luo.lost_sessions = lost
+    _write_pid(lock_fd)
     luo.on_state_change = lambda state: write_state_file(config.state_file, state)
     write_state_file(config.state_file, luo.state)
     server = DeviceServer(luo, listener)
+    rebooter = Rebooter(
+        server,
+        registry,
+        config.limits,
+        config.state_dir,
+        config.exec_argv or default_exec_argv(),
+        config.to_args(),
+        lock_fd,
+        faults,
+    )
+    server.host = rebooter
+    server.on_sighup = rebooter.retry_restore
     server.install_signal_handlers()
     event(
         "started",
@@ -153,15 +226,20 @@ def run(config: Config) -> int:
         generation=luo.generation,
         nofile=hard,
         activated=bool(activated),
+        restored=handover is not None,
     )
-    print(f"luod {__version__} serving {config.socket_path}", file=sys.stderr, flush=True)
+    print(
+        f"luod {__version__} serving {config.socket_path} (generation {luo.generation})",
+        file=sys.stderr,
+        flush=True,
+    )
     systemd.notify("READY=1", f"STATUS=serving generation {luo.generation}")
     try:
         server.serve_forever()
     finally:
         systemd.notify("STOPPING=1")
         server.close()
-        luo.close()
+        server.luo.close()
         if not activated:
             try:
                 os.unlink(config.socket_path)
@@ -171,6 +249,12 @@ def run(config: Config) -> int:
         os.close(lock_fd)
         event("stopped")
     return 0
+
+
+def _write_pid(lock_fd: int) -> None:
+    """Record our pid in the lock file, for operators and ``luoctl``."""
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,6 +310,23 @@ def run(config: Config) -> int:
     show_default=True,
     help="debug also logs every ioctl and every caller mistake.",
 )
+@click.option(
+    "--exec",
+    "exec_path",
+    default=None,
+    metavar="PATH",
+    help="luod executable the live update re-executes [default: this Python running "
+    "the installed liveupdate package].",
+)
+@click.option(
+    "--check-image",
+    default=None,
+    metavar="IMAGE",
+    help="Check mode: exit 0 if this version can restore the handover IMAGE, else say why.",
+)
+@click.option("--handover", default=None, hidden=True)
+@click.option("--listen-fd", type=int, default=None, hidden=True)
+@click.option("--lock-fd", type=int, default=None, hidden=True)
 @click.version_option(__version__, prog_name="luod")
 def main(
     socket_path: str,
@@ -237,6 +338,11 @@ def main(
     max_files: int,
     log_format: str,
     log_level: str,
+    exec_path: str | None,
+    check_image: str | None,
+    handover: str | None,
+    listen_fd: int | None,
+    lock_fd: int | None,
 ) -> None:
     """Serve the Live Update Orchestrator device on a Unix socket.
 
@@ -263,9 +369,17 @@ def main(
         log_format=log_format,
         log_level=log_level,
     )
+    if check_image is not None:
+        sys.exit(check_image_main(check_image, default_registry()))
+    config.exec_argv = [exec_path] if exec_path else []
     setup_logging(log_format, log_level)
+    inherited = None
+    if handover is not None:
+        if listen_fd is None or lock_fd is None:
+            raise click.UsageError("--handover needs --listen-fd and --lock-fd")
+        inherited = Handover(handover, listen_fd, lock_fd)
     try:
-        sys.exit(run(config))
+        sys.exit(run(config, inherited))
     except StartupError as exc:
         event("startup-failed", 40, reason=str(exc))
         click.echo(f"luod: {exc}", err=True)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liveupdate import uapi, wire
-from liveupdate.core.luo import DeviceCall, Orchestrator, device_table, session_table
+from liveupdate.core.luo import DeviceCall, Orchestrator
 from liveupdate.core.session import Owner, Session, SessionCall
+from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, Reply, dispatch
 from liveupdate.server.logs import event
 
@@ -93,6 +94,10 @@ class DeviceServer:
         self.selector.register(listener, selectors.EVENT_READ, None)
         self.device: Endpoint | None = None
         self.endpoints: set[Endpoint] = set()
+        #: The reboot host handed to the state machine (a ``Rebooter``).
+        self.host: Any = None
+        #: What SIGHUP does (luod: retry a failed restore).
+        self.on_sighup: Callable[[], None] | None = None
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
         self._stop = False
@@ -111,10 +116,16 @@ class DeviceServer:
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         event("signal", signal=signal.Signals(signum).name)
         self._stop = True
+
+    def _on_hup(self, _signum: int, _frame: object) -> None:
+        # Runs between two events, never inside a call.
+        if self.on_sighup is not None:
+            self.deferred.append(self.on_sighup)
 
     def stop(self) -> None:
         self._stop = True
@@ -133,6 +144,10 @@ class DeviceServer:
                         self._flush(ep)
                     if mask & selectors.EVENT_READ and not ep.closed:
                         self._serve(ep)
+                if self.deferred:
+                    # Deferred work (a reboot) runs right after the call that
+                    # asked for it: no other client is served in between.
+                    break
             while self.deferred:
                 self.deferred.popleft()()
 
@@ -255,7 +270,7 @@ class DeviceServer:
             event("fds-dropped", logging.WARNING, endpoint=ep.kind)
             return Reply.error(errno.ENOMEM)
         if ep.session is None:
-            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds)
+            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds, self.host)
             reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
         else:
             scall = SessionCall(self.luo, ep.session, msg.fds)

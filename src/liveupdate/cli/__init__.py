@@ -1,0 +1,1 @@
+"""luoctl, the operator's command-line tool."""

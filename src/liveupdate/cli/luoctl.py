@@ -1,0 +1,248 @@
+"""``luoctl``: the operator's tool for luod.
+
+Every command talks to the device through the client library (so it works
+over luod's socket, and the upstream parts against a kernel too), except
+``inspect``, which only decodes a handover image file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import liveupdate
+from liveupdate import uapi
+from liveupdate.client.device import StateInfo
+
+__all__ = ["main"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Context:
+    def __init__(self, socket: str | None, as_json: bool, timeout: float) -> None:
+        self.socket = socket
+        self.json = as_json
+        self.timeout = timeout
+
+    def open(self, timeout: float | None = None) -> liveupdate.Device:
+        return liveupdate.open_device(
+            self.socket, timeout=self.timeout if timeout is None else timeout
+        )
+
+    def emit(self, data: dict[str, Any], text: str) -> None:
+        if self.json:
+            click.echo(json.dumps(data, sort_keys=True))
+        else:
+            console.print(text, highlight=False)
+
+
+def _fail(exc: OSError) -> None:
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    err_console.print(f"[red]luoctl:[/red] {exc.strerror or exc} ({name})", highlight=False)
+    sys.exit(1)
+
+
+def _state_dict(info: StateInfo) -> dict[str, Any]:
+    return {
+        "state": info.state.name.lower(),
+        "generation": info.generation,
+        "outgoing_sessions": info.outgoing_sessions,
+        "incoming_sessions": info.incoming_sessions,
+        "preserved_files": info.preserved_files,
+        "max_sessions": info.max_sessions,
+        "max_files": info.max_files,
+        "lost_sessions": info.lost_sessions,
+        "last_error": info.last_error,
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket",
+    default=None,
+    metavar="PATH",
+    help="Device to talk to [default: $LIVEUPDATE_DEVICE, /dev/liveupdate, luod's default socket].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait while the device is busy (another opener).",
+)
+@click.version_option(liveupdate.__version__, prog_name="luoctl")
+@click.pass_context
+def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) -> None:
+    """Operate the Live Update Orchestrator daemon (luod)."""
+    ctx.obj = Context(socket, as_json, timeout)
+
+
+@main.command()
+@click.pass_obj
+def state(obj: Context) -> None:
+    """Show the state machine, the generation, counts and limits."""
+    try:
+        with obj.open() as dev:
+            info = dev.get_state()
+    except OSError as exc:
+        _fail(exc)
+    data = _state_dict(info)
+    if obj.json:
+        obj.emit(data, "")
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        if key == "last_error" and not value:
+            continue
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
+    try:
+        with obj.open() as dev:
+            try:
+                generation = dev.set_event(event)
+            except OSError as exc:
+                reason = dev.get_state().last_error
+                if reason:
+                    exc = type(exc)(exc.errno, reason)
+                raise exc from None
+    except OSError as exc:
+        _fail(exc)
+    obj.emit({"event": event.name.lower(), "generation": generation}, done)
+
+
+@main.command()
+@click.pass_obj
+def prepare(obj: Context) -> None:
+    """Run the pre-flight of a live update (NORMAL -> PREPARED)."""
+    _event(obj, uapi.LuodEvent.PREPARE, "prepared: the installed luod can read this generation")
+
+
+@main.command()
+@click.pass_obj
+def cancel(obj: Context) -> None:
+    """Leave PREPARED."""
+    _event(obj, uapi.LuodEvent.CANCEL, "cancelled")
+
+
+@main.command()
+@click.pass_obj
+def finish(obj: Context) -> None:
+    """Finish every incoming session (UPDATED -> NORMAL)."""
+    _event(obj, uapi.LuodEvent.FINISH, "finished every incoming session")
+
+
+@main.command()
+@click.option("--no-exec", is_flag=True, help="Start the next generation in-process (no exec).")
+@click.option(
+    "--wait",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the next generation to serve.",
+)
+@click.pass_obj
+def reboot(obj: Context, no_exec: bool, wait: float) -> None:
+    """Live-update luod; returns once the next generation serves."""
+    flags = uapi.LUOD_REBOOT_NO_EXEC if no_exec else 0
+    start = time.monotonic()
+    try:
+        with obj.open() as dev:
+            old = dev.get_state().generation
+            try:
+                dev.set_event(uapi.LuodEvent.REBOOT, flags)
+            except OSError as exc:
+                reason = dev.get_state().last_error
+                raise type(exc)(exc.errno, reason or exc.strerror) from None
+        new = _wait_generation(obj, old + 1, start + wait)
+    except OSError as exc:
+        _fail(exc)
+    elapsed = time.monotonic() - start
+    obj.emit(
+        {"old_generation": old, "new_generation": new.generation, "seconds": elapsed,
+         "state": new.state.name.lower(), "incoming_sessions": new.incoming_sessions},
+        f"rebooted: generation {old} -> {new.generation} in {elapsed:.3f} s "
+        f"({new.incoming_sessions} incoming sessions)",
+    )  # fmt: skip
+
+
+def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInfo:
+    """Open the device until the generation ``generation`` answers."""
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with obj.open(timeout=max(0.0, remaining)) as dev:
+                info = dev.get_state()
+            if info.generation >= generation:
+                return info
+        except liveupdate.StaleGenerationError:
+            pass  # opened just before the old generation closed its connections
+        except liveupdate.NotFoundError:
+            pass  # socket momentarily absent
+        if time.monotonic() >= deadline:
+            raise liveupdate.LiveUpdateError(
+                errno.ETIMEDOUT, f"generation {generation} did not start serving"
+            )
+        time.sleep(0.005)
+
+
+@main.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def inspect(obj: Context, image: Path) -> None:
+    """Decode a handover IMAGE file (e.g. STATE_DIR/last-handover.dtb)."""
+    # The one command that reads a core format directly: an image is a file,
+    # not a device, and decoding it must work with no luod running.
+    from liveupdate.core.handover import HandoverError, decode_image, image_to_dict
+
+    try:
+        decoded = decode_image(image.read_bytes())
+    except HandoverError as exc:
+        err_console.print(f"[red]luoctl:[/red] {image}: {exc}", highlight=False)
+        sys.exit(1)
+    data = image_to_dict(decoded)
+    if obj.json:
+        click.echo(json.dumps(data, sort_keys=True, indent=2))
+        return
+    console.print(
+        f"handover image v{decoded.version}, liveupdate-number {decoded.liveupdate_number}, "
+        f"{len(decoded.sessions)} sessions"
+        + (f", written by {decoded.writer}" if decoded.writer else ""),
+        highlight=False,
+    )
+    table = Table("session", "owner uid:gid (pid)", "created", "token", "handler", "fd", "data")
+    for session in decoded.sessions:
+        name = session.name.decode(errors="backslashreplace")
+        owner = f"{session.uid}:{session.gid} ({session.pid})"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(session.created))
+        if not session.files:
+            table.add_row(name, owner, created, "-", "-", "-", "-")
+        for i, file in enumerate(session.files):
+            table.add_row(
+                name if i == 0 else "",
+                owner if i == 0 else "",
+                created if i == 0 else "",
+                f"{file.token:#x}",
+                file.compatible,
+                str(file.fd),
+                file.data.hex() if len(file.data) <= 32 else f"{len(file.data)} bytes",
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
