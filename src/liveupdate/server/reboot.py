@@ -342,7 +342,9 @@ def report_lost(state_dir: Path) -> int:
 def check_image(path: str, registry: HandlerRegistry) -> int:
     """``luod --check-image``: can this version restore ``path``? (exit status)"""
     try:
-        image = decode_image(Path(path).read_bytes())
+        # The pre-flight also parses with the `fdt` library and requires both
+        # parsers to agree: a slower, stricter read that runs outside the reboot.
+        image = decode_image(Path(path).read_bytes(), cross_check=True)
     except (OSError, HandoverError) as exc:
         print(f"cannot read handover image {path}: {exc}", file=sys.stderr)
         return 1
