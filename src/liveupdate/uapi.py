@@ -44,8 +44,16 @@ __all__ = [
     "LUOD_CMD_SESSION_BASE",
     "LUOD_ERROR_LENGTH",
     "LUOD_IOCTL_GET_STATE",
+    "LUOD_IOCTL_LIST_SESSIONS",
     "LUOD_IOCTL_SET_EVENT",
+    "LUOD_LIST_FILES",
+    "LUOD_LIST_FLAGS",
     "LUOD_REBOOT_NO_EXEC",
+    "LUOD_SESSION_FLAGS",
+    "LUOD_SESSION_KEEP_ON_CLOSE",
+    "LUOD_SESSION_SET_FLAGS",
+    "LUOD_SESSION_UNPRESERVE_FD",
+    "LUOD_SESSION_UPDATE",
     "LUOD_SET_EVENT_FLAGS",
     "_IO",
     "_IOC_DIR_SIZE",
@@ -67,6 +75,10 @@ __all__ = [
     "liveupdate_session_preserve_fd",
     "liveupdate_session_retrieve_fd",
     "luod_get_state",
+    "luod_list_sessions",
+    "luod_session_set_flags",
+    "luod_session_unpreserve_fd",
+    "luod_session_update",
     "luod_set_event",
     "min_size",
 ]
@@ -148,12 +160,15 @@ class LuodCmd(enum.IntEnum):
 
     GET_STATE = LUOD_CMD_BASE
     SET_EVENT = enum.auto()
+    LIST_SESSIONS = enum.auto()
 
 
 class LuodSessionCmd(enum.IntEnum):
     """luod's session extensions (``LUOD_CMD_SESSION_*``), packed from 0xC0."""
 
-    BASE = LUOD_CMD_SESSION_BASE
+    UPDATE = LUOD_CMD_SESSION_BASE
+    SET_FLAGS = enum.auto()
+    UNPRESERVE_FD = enum.auto()
 
 
 LIVEUPDATE_IOCTL_CREATE_SESSION: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateCmd.CREATE_SESSION)
@@ -166,6 +181,10 @@ LIVEUPDATE_SESSION_FINISH: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionC
 LIVEUPDATE_SESSION_GET_NAME: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessionCmd.GET_NAME)
 LUOD_IOCTL_GET_STATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.GET_STATE)
 LUOD_IOCTL_SET_EVENT: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.SET_EVENT)
+LUOD_IOCTL_LIST_SESSIONS: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.LIST_SESSIONS)
+LUOD_SESSION_UPDATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UPDATE)
+LUOD_SESSION_SET_FLAGS: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.SET_FLAGS)
+LUOD_SESSION_UNPRESERVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UNPRESERVE_FD)
 
 
 # ---------------------------------------------------------------------------
@@ -405,6 +424,123 @@ class luod_set_event(ctypes.Structure):
     ]
 
 
+#: ``luod_list_sessions.flags``: also list every file of every session.
+LUOD_LIST_FILES: Final = 1 << 0
+LUOD_LIST_FLAGS: Final = LUOD_LIST_FILES
+
+
+class luod_list_sessions(ctypes.Structure):
+    """struct luod_list_sessions - ioctl(LUOD_IOCTL_LIST_SESSIONS)
+
+    @size: Input; sizeof(struct luod_list_sessions).
+    @fd: Output; a sealed, read-only memfd holding the listing as UTF-8 JSON (close-on-exec).
+    @flags: Input; LUOD_LIST_FILES to include every session's files, else 0.
+    @count: Output; how many sessions the listing holds.
+    @hidden: Output; sessions of other users left out (non-root callers see their own only).
+    @reserved: Input; must be 0.
+    @name: Input; list only this session (NUL-terminated), or all sessions when empty.
+
+    Lists sessions for observability; upstream LUO deliberately has no
+    enumeration, luod offers it to the operator. The document is
+    ``{"generation": N, "sessions": [{"name", "direction", "uid", "gid",
+    "pid", "created", "flags", "retrieved", "finished", "files": [{"token",
+    "handler", "type", ...}]}]}``, extensible by adding keys. A listing is
+    unbounded, hence an fd rather than a fixed-size struct.
+
+    Return: 0 and the memfd in @fd; EOPNOTSUPP for unknown @flags, EINVAL
+    when @reserved is not 0 or @name has no NUL, ENOENT when @name names no
+    session, EACCES when it names another user's session and the caller is
+    not root.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("hidden", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("name", _NameField),
+    ]
+
+
+# -- luod session extensions ---------------------------------------------------
+
+#: Session flag: when the session's last fd closes without a hand-over (its
+#: holder crashed), hand the session over instead of unpreserving it.
+LUOD_SESSION_KEEP_ON_CLOSE: Final = 1 << 0
+#: Every session flag this implementation knows.
+LUOD_SESSION_FLAGS: Final = LUOD_SESSION_KEEP_ON_CLOSE
+
+
+class luod_session_update(ctypes.Structure):
+    """struct luod_session_update - ioctl(LUOD_SESSION_UPDATE)
+
+    @size: Input; sizeof(struct luod_session_update).
+    @reserved: Input; must be 0.
+
+    Per-session update: hands this outgoing session to its successor without
+    rebooting luod. Its files are frozen in preservation order (rolled back
+    on failure), then it becomes an incoming session under the same name,
+    ready for RETRIEVE_SESSION. This session fd is dead afterwards: every
+    call on it fails with ENODEV.
+
+    Return: 0; EINVAL on an incoming session or when @reserved is not 0,
+    EACCES when the caller is neither the session's owner nor root, EEXIST
+    when an incoming session of this name exists and is not finished, or
+    the errno of the file whose freeze failed (nothing changed).
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class luod_session_set_flags(ctypes.Structure):
+    """struct luod_session_set_flags - ioctl(LUOD_SESSION_SET_FLAGS)
+
+    @size: Input; sizeof(struct luod_session_set_flags).
+    @flags: Input; the session's new flags (LUOD_SESSION_KEEP_ON_CLOSE or 0).
+    @old_flags: Output; the flags before the call.
+
+    Sets an outgoing session's flags; they travel with it through updates
+    and reboots. With LUOD_SESSION_KEEP_ON_CLOSE, closing the session's last
+    fd hands it over (as LUOD_SESSION_UPDATE does) instead of unpreserving
+    its files, so a service restarted after a crash retrieves its state.
+
+    Return: 0; EOPNOTSUPP for unknown flags, EINVAL on an incoming session.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("old_flags", ctypes.c_uint32),
+    ]
+
+
+class luod_session_unpreserve_fd(ctypes.Structure):
+    """struct luod_session_unpreserve_fd - ioctl(LUOD_SESSION_UNPRESERVE_FD)
+
+    @size: Input; sizeof(struct luod_session_unpreserve_fd).
+    @reserved: Input; must be 0.
+    @token: Input; the token of the file to drop.
+
+    Removes one file from an outgoing session (a service's connection that
+    closed), releasing luod's reference. Upstream LUO has no such call: a
+    kernel session only shrinks by being closed.
+
+    Return: 0; EINVAL on an incoming session or when @reserved is not 0,
+    ENOENT for an unknown token.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("token", ctypes.c_uint64),
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Facts about each ioctl, shared by the dispatcher, the wire and the client
 # ---------------------------------------------------------------------------
@@ -557,6 +693,48 @@ SET_EVENT: Final = _register(
         luod_set_event,
         "flags",
         FdKind.DEVICE,
+    )
+)
+
+
+LIST_SESSIONS: Final = _register(
+    IoctlInfo(
+        "LUOD_IOCTL_LIST_SESSIONS",
+        LUOD_IOCTL_LIST_SESSIONS,
+        luod_list_sessions,
+        "flags",
+        FdKind.DEVICE,
+        fd_out=True,
+    )
+)
+SESSION_UPDATE: Final = _register(
+    IoctlInfo(
+        "LUOD_SESSION_UPDATE",
+        LUOD_SESSION_UPDATE,
+        luod_session_update,
+        "reserved",
+        FdKind.SESSION,
+        SessionDirection.OUTGOING,
+    )
+)
+SESSION_SET_FLAGS: Final = _register(
+    IoctlInfo(
+        "LUOD_SESSION_SET_FLAGS",
+        LUOD_SESSION_SET_FLAGS,
+        luod_session_set_flags,
+        "flags",
+        FdKind.SESSION,
+        SessionDirection.OUTGOING,
+    )
+)
+SESSION_UNPRESERVE_FD: Final = _register(
+    IoctlInfo(
+        "LUOD_SESSION_UNPRESERVE_FD",
+        LUOD_SESSION_UNPRESERVE_FD,
+        luod_session_unpreserve_fd,
+        "token",
+        FdKind.SESSION,
+        SessionDirection.OUTGOING,
     )
 )
 
