@@ -365,20 +365,27 @@ def test_more_than_253_fds_is_refused(
         wire.send_message(a, b"x", [tmpfile] * 254)
 
 
-def test_other_ancillary_data_is_ignored(
+def test_sender_credentials_are_reported(
     pair: tuple[socket.socket, socket.socket], tmpfile: int
 ) -> None:
     a, b = pair
     # With SO_PASSCRED every message also carries SCM_CREDENTIALS.
     b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     wire.send_message(a, b"creds", [tmpfile])
-    msg = wire.recv_message(b, 16)
+    msg = wire.recv_message(b, 16, creds=True)
     try:
         assert msg.data == b"creds"
         assert len(msg.fds) == 1
         assert os.fstat(msg.fds[0]).st_ino == os.fstat(tmpfile).st_ino
+        assert msg.creds == (os.getpid(), os.getuid(), os.getgid())
     finally:
         wire.close_fds(msg.fds)
+
+
+def test_no_credentials_without_passcred(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    wire.send_message(a, b"plain")
+    assert wire.recv_message(b, 16).creds is None
 
 
 def test_recv_flags_are_passed(pair: tuple[socket.socket, socket.socket]) -> None:

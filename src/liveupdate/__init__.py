@@ -11,7 +11,7 @@ See :func:`open_device`, :class:`Device` and :class:`Session`. The ABI itself
 is in :mod:`liveupdate.uapi`.
 """
 
-from liveupdate.client.device import Device, Session, open_device
+from liveupdate.client.device import Device, Session, StateInfo, open_device
 from liveupdate.client.errors import (
     AlreadyExistsError,
     BadFileError,
@@ -27,6 +27,7 @@ from liveupdate.client.errors import (
     StaleGenerationError,
     StructTooBigError,
 )
+from liveupdate.client.service import InheritedSession, inherited_session
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "BadFileError",
     "Device",
     "DeviceBusyError",
+    "InheritedSession",
     "InvalidArgumentError",
     "LiveUpdateError",
     "NoSpaceError",
@@ -45,6 +47,8 @@ __all__ = [
     "RestoreFailedError",
     "Session",
     "StaleGenerationError",
+    "StateInfo",
     "StructTooBigError",
+    "inherited_session",
     "open_device",
 ]

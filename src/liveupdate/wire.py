@@ -67,6 +67,8 @@ MAX_FDS_PER_MESSAGE = 253
 FD_PLACEHOLDER = -1
 
 _INT_SIZE = array.array("i").itemsize
+#: struct ucred: pid, uid, gid.
+_CREDS = struct.Struct("iII")
 
 
 class FramingError(Exception):
@@ -189,12 +191,15 @@ class Message:
         fds: Close-on-exec fds received with it; the caller owns them.
         fds_truncated: ``MSG_CTRUNC``: fds were sent that did not fit and the
             kernel closed them.
+        creds: The sender's ``(pid, uid, gid)`` when the socket has
+            ``SO_PASSCRED`` set (the kernel attaches them to every message).
     """
 
     data: bytes
     length: int
     fds: list[int] = field(default_factory=list)
     fds_truncated: bool = False
+    creds: tuple[int, int, int] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -202,7 +207,11 @@ class Message:
 
 
 def recv_message(
-    sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MESSAGE, flags: int = 0
+    sock: socket.socket,
+    bufsize: int,
+    maxfds: int = MAX_FDS_PER_MESSAGE,
+    flags: int = 0,
+    creds: bool = False,
 ) -> Message:
     """Receive one message with ``recvmsg(MSG_CMSG_CLOEXEC | MSG_TRUNC)``.
 
@@ -210,21 +219,28 @@ def recv_message(
     it is longer than ``bufsize``, so an oversized request can be told apart
     from a lying header. Every fd received is returned (close-on-exec), even
     when the message is otherwise unusable, so the caller can close it.
+    ``creds`` makes room for the sender's ``SCM_CREDENTIALS`` (the socket
+    needs ``SO_PASSCRED``).
     """
     buf = bytearray(bufsize)
     nbytes, ancdata, msg_flags, _addr = sock.recvmsg_into(
         [buf],
-        socket.CMSG_SPACE(maxfds * _INT_SIZE),
+        socket.CMSG_SPACE(maxfds * _INT_SIZE) + (socket.CMSG_SPACE(_CREDS.size) if creds else 0),
         flags | socket.MSG_CMSG_CLOEXEC | socket.MSG_TRUNC,
     )
     fds: list[int] = []
+    sender = None
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % _INT_SIZE
             fds.extend(array.array("i", payload[:usable]))
+        # Anything else AF_UNIX may attach (SCM_SECURITY...) is ignored.
+        elif kind == socket.SCM_CREDENTIALS:  # pragma: no branch
+            sender = _CREDS.unpack_from(payload)
     return Message(
         bytes(buf[: min(nbytes, bufsize)]),
         nbytes,
         fds,
         bool(msg_flags & socket.MSG_CTRUNC),
+        sender,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -198,6 +200,172 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
                 errno.ETIMEDOUT, f"generation {generation} did not start serving"
             )
         time.sleep(0.005)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--session", "name", required=True, help="The session holding the service's state.")
+@click.option(
+    "--keep-on-close",
+    is_flag=True,
+    help="If this supervisor dies, luod keeps the session for the next `luoctl run`.",
+)
+@click.option(
+    "--stop-signal",
+    default="SIGTERM",
+    show_default=True,
+    help="Signal that asks the service to stop before an update.",
+)
+@click.option(
+    "--stop-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the service to stop before SIGKILL.",
+)
+@click.option(
+    "--restart",
+    type=click.Choice(["on-failure", "no"]),
+    default="on-failure",
+    show_default=True,
+    help="Restart a crashed service with its state handed over.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run(
+    obj: Context,
+    name: str,
+    keep_on_close: bool,
+    stop_signal: str,
+    stop_timeout: float,
+    restart: str,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND with its state kept in session NAME across updates and crashes.
+
+    COMMAND gets the session fd in LIVEUPDATE_SESSION_FD (with
+    LIVEUPDATE_SESSION_NAME and LIVEUPDATE_SESSION_STATE=incoming|outgoing;
+    LIVEUPDATE_NEXT_SESSION_FD when incoming): see liveupdate.inherited_session().
+    SIGHUP or `luoctl update NAME` updates it: stop, hand over, start again.
+    """
+    from liveupdate.cli.supervisor import Supervisor
+
+    try:
+        sig = signal.Signals[stop_signal if stop_signal.startswith("SIG") else "SIG" + stop_signal]
+    except KeyError:
+        raise click.BadParameter(
+            f"unknown signal {stop_signal}", param_hint="--stop-signal"
+        ) from None
+    supervisor = Supervisor(
+        obj.socket,
+        name,
+        command,
+        keep_on_close=keep_on_close,
+        stop_signal=sig,
+        stop_timeout=stop_timeout,
+        restart=restart,
+        open_timeout=obj.timeout,
+    )
+    try:
+        sys.exit(supervisor.run())
+    except OSError as exc:
+        _fail(exc)
+
+
+def _outgoing_entry(dev: liveupdate.Device, name: str) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = dev.list_sessions(name, files=False)["sessions"]
+    for entry in entries:
+        if entry["direction"] == "outgoing":
+            return entry
+    raise liveupdate.NotFoundError(errno.ENOENT, f"no outgoing session {name!r}")
+
+
+def _is_supervisor(pid: int, name: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    text = [a.decode(errors="replace") for a in argv]
+    return "run" in text and name in text and any("luoctl" in a for a in text[:3])
+
+
+@main.command()
+@click.argument("name")
+@click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.pass_obj
+def update(obj: Context, name: str, wait: float) -> None:
+    """Update the service that `luoctl run --session NAME` supervises.
+
+    Sends SIGHUP to its supervisor and returns once the session was handed
+    over to the restarted service.
+    """
+    try:
+        with obj.open() as dev:
+            entry = _outgoing_entry(dev, name)
+        pid = int(entry["pid"])
+        if not _is_supervisor(pid, name):
+            raise liveupdate.NotFoundError(
+                errno.ESRCH, f"session {name!r} is not held by a `luoctl run` supervisor"
+            )
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + wait
+        while True:
+            time.sleep(0.02)
+            try:
+                with obj.open() as dev:
+                    now = _outgoing_entry(dev, name)
+                if now["created"] != entry["created"]:
+                    break
+            except liveupdate.NotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise liveupdate.LiveUpdateError(errno.ETIMEDOUT, f"{name!r} was not updated")
+    except OSError as exc:
+        _fail(exc)
+    obj.emit({"session": name, "supervisor": pid}, f"updated {name!r} (supervisor pid {pid})")
+
+
+def _describe_file(file: dict[str, Any]) -> str:
+    skip = {"token", "handler", "type"}
+    return " ".join(f"{k}={v}" for k, v in file.items() if k not in skip)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.pass_obj
+def sessions(obj: Context, name: str | None) -> None:
+    """List sessions (yours, or every one as root) and their files."""
+    try:
+        with obj.open() as dev:
+            doc = dev.list_sessions(name)
+    except OSError as exc:
+        _fail(exc)
+    if obj.json:
+        click.echo(json.dumps(doc, sort_keys=True, indent=2))
+        return
+    now = time.time()
+    table = Table("session", "direction", "owner", "age", "token", "type", "handler", "details")
+    for entry in doc["sessions"]:
+        age = f"{now - entry['created']:.0f}s"
+        flags = " keep-on-close" if entry.get("keep_on_close") else ""
+        head = [entry["name"], entry["direction"] + flags, f"{entry['uid']}:{entry['gid']}", age]
+        files = entry.get("files", [])
+        if not files:
+            table.add_row(*head, "-", "-", "-", "")
+        for i, file in enumerate(files):
+            cells = head if i == 0 else ["", "", "", ""]
+            table.add_row(
+                *cells,
+                f"{file['token']:#x}",
+                str(file.get("type", "?")),
+                file["handler"],
+                _describe_file(file),
+            )
+    console.print(
+        f"generation {doc['generation']}, {doc['state']}, {len(doc['sessions'])} sessions"
+        + (f" ({doc['hidden']} of other users hidden)" if doc.get("hidden") else ""),
+        highlight=False,
+    )
+    console.print(table)
 
 
 @main.command()

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from liveupdate import paths, uapi
 from liveupdate.client.errors import InvalidArgumentError
@@ -183,6 +184,38 @@ class Session(_FdObject):
         arg = uapi.liveupdate_session_finish(size=ctypes.sizeof(uapi.liveupdate_session_finish))
         self.ioctl(uapi.LIVEUPDATE_SESSION_FINISH, arg)
 
+    # -- luod extensions (a kernel answers NotSupportedError) --------------------
+
+    def update(self) -> None:
+        """LUOD_SESSION_UPDATE: hand this outgoing session to a successor.
+
+        The session becomes incoming under the same name (RETRIEVE_SESSION
+        then returns it) and this object's fd is dead: it is closed here.
+        """
+        arg = uapi.luod_session_update(size=ctypes.sizeof(uapi.luod_session_update))
+        self.ioctl(uapi.LUOD_SESSION_UPDATE, arg)
+        self.close()
+        self.direction = uapi.SessionDirection.INCOMING
+
+    def set_flags(self, flags: int) -> int:
+        """LUOD_SESSION_SET_FLAGS: set the session's flags; returns the old ones."""
+        arg = uapi.luod_session_set_flags(
+            size=ctypes.sizeof(uapi.luod_session_set_flags), flags=flags
+        )
+        self.ioctl(uapi.LUOD_SESSION_SET_FLAGS, arg)
+        return int(arg.old_flags)
+
+    def keep_on_close(self, enabled: bool = True) -> None:
+        """Hand the session over, rather than unpreserve it, if its holder dies."""
+        self.set_flags(uapi.LUOD_SESSION_KEEP_ON_CLOSE if enabled else 0)
+
+    def unpreserve(self, token: int) -> None:
+        """LUOD_SESSION_UNPRESERVE_FD: drop one file from an outgoing session."""
+        arg = uapi.luod_session_unpreserve_fd(
+            size=ctypes.sizeof(uapi.luod_session_unpreserve_fd), token=token
+        )
+        self.ioctl(uapi.LUOD_SESSION_UNPRESERVE_FD, arg)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
         name = self._name.decode(errors="backslashreplace") if self._name else "?"
@@ -257,6 +290,28 @@ class Device(_FdObject):
         arg = uapi.luod_set_event(size=ctypes.sizeof(uapi.luod_set_event), event=event, flags=flags)
         self.ioctl(uapi.LUOD_IOCTL_SET_EVENT, arg)
         return int(arg.generation)
+
+    def list_sessions(self, name: str | bytes | None = None, files: bool = True) -> dict[str, Any]:
+        """LUOD_IOCTL_LIST_SESSIONS: the sessions this caller may see, as a dict.
+
+        ``{"generation", "state", "sessions": [{"name", "direction", "uid",
+        "files": [{"token", "handler", "type", ...}], ...}], "hidden": N}``.
+        Non-root callers see their own sessions only; naming another user's
+        session raises :class:`~liveupdate.PermissionDeniedError`.
+        """
+        arg = uapi.luod_list_sessions(
+            size=ctypes.sizeof(uapi.luod_list_sessions),
+            fd=-1,
+            flags=uapi.LUOD_LIST_FILES if files else 0,
+        )
+        if name is not None:
+            raw = _name_bytes(name)
+            ctypes.memmove(arg.name, raw, len(raw))
+        self.ioctl(uapi.LUOD_IOCTL_LIST_SESSIONS, arg)
+        with os.fdopen(int(arg.fd), "rb") as listing:
+            doc: dict[str, Any] = json.load(listing)
+        doc["hidden"] = int(arg.hidden)
+        return doc
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,8 @@ from liveupdate.core.session import (
     Owner,
     Session,
     finish_session,
+    hand_over,
+    may_access,
     parse_name,
     unpreserve_all,
 )
@@ -145,6 +150,8 @@ class Orchestrator:
         session = self.incoming.get(name)
         if session is None:
             raise OSError(errno.ENOENT, "no incoming session has this name")
+        if not may_access(session, owner):
+            raise OSError(errno.EACCES, "this session belongs to another user")
         if session.retrieved:
             raise OSError(errno.EINVAL, "this session was already retrieved")
         session.retrieved = True
@@ -157,6 +164,19 @@ class Orchestrator:
         Incoming: finish it implicitly; its name then gives ``ENOENT``.
         """
         if session.direction == Direction.OUTGOING:
+            if session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE:
+                try:
+                    # Its holder is gone without a hand-over (crashed): the
+                    # successor gets the session instead of losing it.
+                    hand_over(self, session, replace=True)
+                    log.warning("session %s kept on close", session.display_name)
+                    return
+                except OSError as exc:
+                    log.error(
+                        "session %s: keep-on-close hand-over failed (%s); files released",
+                        session.display_name,
+                        exc.strerror,
+                    )
             if self.outgoing.get(session.name) is session:
                 del self.outgoing[session.name]
             unpreserve_all(self, session)
@@ -214,8 +234,80 @@ def _retrieve_session(call: DeviceCall, arg: ctypes.Structure) -> int:
     return fd
 
 
-#: The upstream device ioctls; see :mod:`liveupdate.core.tables` for the table.
+def describe_session(session: Session, with_files: bool) -> dict[str, Any]:
+    """One session of the listing (LUOD_IOCTL_LIST_SESSIONS)."""
+    desc: dict[str, Any] = {
+        "name": session.name.decode(errors="backslashreplace"),
+        "direction": session.direction.name.lower(),
+        "uid": session.owner.uid,
+        "gid": session.owner.gid,
+        "pid": session.owner.pid,
+        "created": session.created,
+        "flags": session.flags,
+        "keep_on_close": bool(session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE),
+        "retrieved": session.retrieved,
+        "finished": session.finished,
+        "nfiles": len(session.files),
+    }
+    if with_files:
+        files = []
+        for file in session.files.values():
+            entry: dict[str, Any] = {"token": file.token, "handler": file.handler.compatible}
+            try:
+                entry.update(file.handler.describe(file))
+            except OSError as exc:
+                entry["error"] = exc.strerror
+            files.append(entry)
+        desc["files"] = files
+    return desc
+
+
+def _sealed_memfd(data: bytes) -> int:
+    """A read-only memfd holding ``data``, sealed so nobody can change it."""
+    fd = os.memfd_create("luod-listing", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _list_sessions(call: DeviceCall, arg: ctypes.Structure) -> int:
+    assert isinstance(arg, uapi.luod_list_sessions)
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    if arg.flags & ~uapi.LUOD_LIST_FLAGS:
+        raise OSError(errno.EOPNOTSUPP, f"unknown flags {arg.flags:#x}")
+    luo = call.luo
+    sessions = [*luo.outgoing.values(), *luo.incoming.values()]
+    if arg.name[0]:
+        name = parse_name(arg.name)
+        sessions = [s for s in sessions if s.name == name]
+        if not sessions:
+            raise OSError(errno.ENOENT, "no session has this name")
+        if not any(may_access(s, call.owner) for s in sessions):
+            raise OSError(errno.EACCES, "this session belongs to another user")
+    visible = [s for s in sessions if may_access(s, call.owner)]
+    doc = {
+        "generation": luo.generation,
+        "state": luo.state.name.lower(),
+        "sessions": [describe_session(s, bool(arg.flags & uapi.LUOD_LIST_FILES)) for s in visible],
+    }
+    arg.count = len(visible)
+    arg.hidden = len(sessions) - len(visible)
+    arg.fd = -1
+    return _sealed_memfd(json.dumps(doc).encode())
+
+
+#: The device ioctls of this module; see :mod:`liveupdate.core.tables` for the table.
 DEVICE_OPS: list[IoctlOp[DeviceCall]] = [
     IoctlOp(uapi.CREATE_SESSION, _create_session),
     IoctlOp(uapi.RETRIEVE_SESSION, _retrieve_session),
+    IoctlOp(uapi.LIST_SESSIONS, _list_sessions),
 ]

@@ -58,9 +58,18 @@ def snapshot(luo: Orchestrator, writer: str = "") -> HandoverImage:
     """
     return HandoverImage(
         liveupdate_number=luo.generation,
-        sessions=[_record(s) for s in luo.outgoing.values()],
+        sessions=[_record(s) for s in handed_over_sessions(luo)],
         writer=writer,
     )
+
+
+def handed_over_sessions(luo: Orchestrator) -> list[Session]:
+    """What the next generation receives: every outgoing session, then the
+    incoming sessions that a per-session update or keep-on-close handed over
+    and that nobody retrieved yet (they still wait for their successor).
+    Other unfinished incoming sessions are released, as in Linux."""
+    waiting = [s for s in luo.incoming.values() if s.handed_over and not s.retrieved]
+    return [*luo.outgoing.values(), *waiting]
 
 
 def freeze(luo: Orchestrator, writer: str = "", hook: FreezeHook | None = None) -> HandoverImage:
@@ -71,18 +80,22 @@ def freeze(luo: Orchestrator, writer: str = "", hook: FreezeHook | None = None) 
     frozen so far is unfrozen, last first, and the handler's
     :class:`OSError` propagates: nothing changed.
     """
+    freeze_files([f for s in luo.outgoing.values() for f in s.files.values()], hook)
+    return snapshot(luo, writer)
+
+
+def freeze_files(files: list[PreservedFile], hook: FreezeHook | None = None) -> None:
+    """Freeze ``files`` in order; on failure unfreeze those done, last first, and re-raise."""
     frozen: list[PreservedFile] = []
     try:
-        for session in luo.outgoing.values():
-            for file in session.files.values():
-                file.data = file.handler.freeze(file)
-                frozen.append(file)
-                if hook is not None:
-                    hook(file)
+        for file in files:
+            file.data = file.handler.freeze(file)
+            frozen.append(file)
+            if hook is not None:
+                hook(file)
     except BaseException:
         unfreeze(frozen)
         raise
-    return snapshot(luo, writer)
 
 
 def unfreeze(files: list[PreservedFile]) -> None:
@@ -101,7 +114,7 @@ def thaw(luo: Orchestrator) -> None:
 
 def preserved_fds(luo: Orchestrator) -> list[int]:
     """Every fd the next generation must inherit, in image order."""
-    return [f.fd for s in luo.outgoing.values() for f in s.files.values()]
+    return [f.fd for s in handed_over_sessions(luo) for f in s.files.values()]
 
 
 def restore(

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,9 @@ class Session:
     retrieved: bool = False
     finished: bool = False
     endpoint: Any = None
+    #: Handed over by a per-session update or keep-on-close (not by a
+    #: reboot): it waits for its successor even across a reboot of luod.
+    handed_over: bool = False
 
     @property
     def display_name(self) -> str:
@@ -103,6 +107,15 @@ class SessionCall:
     luo: Orchestrator
     session: Session
     fds_in: list[int] = field(default_factory=list)
+    #: Who sent this call (``SCM_CREDENTIALS``), when the transport knows.
+    caller: Owner | None = None
+    #: Closes the caller's session fd once the reply is sent (the transport's).
+    detach: Callable[[], None] | None = None
+
+
+def may_access(session: Session, caller: Owner | None) -> bool:
+    """Owner checks: root and the session's creator may use it, nobody else."""
+    return caller is None or caller.uid == 0 or caller.uid == session.owner.uid
 
 
 def _usable_fd(fds_in: list[int]) -> tuple[int, os.stat_result]:
@@ -200,6 +213,50 @@ def finish_session(luo: Orchestrator, session: Session, force: bool = False) -> 
     luo.session_finished(session)
 
 
+def unpreserve_file(luo: Orchestrator, session: Session, token: int) -> None:
+    """Drop one file of an outgoing session (LUOD_SESSION_UNPRESERVE_FD)."""
+    file = session.files.pop(token, None)
+    if file is None:
+        raise OSError(errno.ENOENT, f"no file with token {token:#x}")
+    try:
+        file.handler.unpreserve(file)
+    finally:
+        luo.preserved.pop(file.key, None)
+        file.release()
+        luo.mutations += 1
+
+
+def hand_over(luo: Orchestrator, session: Session, replace: bool = False) -> None:
+    """Make an outgoing session incoming under the same name (per-session update).
+
+    Its files are frozen in preservation order, rolled back if one fails.
+    An unfinished incoming session of the same name is ``EEXIST``, unless
+    ``replace`` (keep-on-close after a crash: the newest state wins, the
+    stale one is finished). The caller detaches the session's fd.
+    """
+    stale = luo.incoming.get(session.name)
+    if stale is not None and not stale.finished and not replace:
+        raise OSError(errno.EEXIST, "an unfinished incoming session has this name")
+    from liveupdate.core import reboot  # the freeze logic is the reboot's
+
+    reboot.freeze_files(list(session.files.values()))
+    if stale is not None:
+        finish_session(luo, stale, force=True)
+        del luo.incoming[session.name]
+    if luo.outgoing.get(session.name) is session:
+        del luo.outgoing[session.name]
+    for file in session.files.values():
+        luo.preserved.pop(file.key, None)
+    session.direction = Direction.INCOMING
+    session.retrieved = False
+    session.finished = False
+    session.handed_over = True
+    luo.incoming[session.name] = session
+    luo.mutations += 1
+    if luo.state == uapi.LuodState.NORMAL:
+        luo.set_state(uapi.LuodState.UPDATED)
+
+
 # -- the session fd's ioctl table -------------------------------------------
 
 
@@ -229,11 +286,41 @@ def _get_name(call: SessionCall, arg: ctypes.Structure) -> None:
     ctypes.memmove(arg.name, call.session.name, len(call.session.name))
 
 
-#: The upstream session ioctls; extensions append their entries here before
-#: :func:`liveupdate.core.luo.session_table` builds the table.
+def _update(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_session_update)
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    if not may_access(call.session, call.caller):
+        raise OSError(errno.EACCES, "only the session's owner or root may update it")
+    hand_over(call.luo, call.session)
+    if call.detach is not None:
+        call.detach()
+
+
+def _set_flags(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_session_set_flags)
+    if arg.flags & ~uapi.LUOD_SESSION_FLAGS:
+        raise OSError(errno.EOPNOTSUPP, f"unknown session flags {arg.flags:#x}")
+    arg.old_flags = call.session.flags
+    call.session.flags = arg.flags
+    call.luo.mutations += 1
+
+
+def _unpreserve_fd(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_session_unpreserve_fd)
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    unpreserve_file(call.luo, call.session, arg.token)
+
+
+#: The session ioctls (upstream, then luod's extensions);
+#: :func:`liveupdate.core.tables.session_table` builds the table from them.
 SESSION_OPS: list[IoctlOp[SessionCall]] = [
     IoctlOp(uapi.PRESERVE_FD, _preserve_fd),
     IoctlOp(uapi.RETRIEVE_FD, _retrieve_fd),
     IoctlOp(uapi.FINISH, _finish),
     IoctlOp(uapi.GET_NAME, _get_name),
+    IoctlOp(uapi.SESSION_UPDATE, _update),
+    IoctlOp(uapi.SESSION_SET_FLAGS, _set_flags),
+    IoctlOp(uapi.SESSION_UNPRESERVE_FD, _unpreserve_fd),
 ]

@@ -240,11 +240,13 @@ class Rebooter:
     def restore_in_process(self, image: HandoverImage) -> None:
         """Start the next generation without exec, through the same image bytes."""
         old = self.server.luo
-        # Unfinished incoming sessions of the ending generation are released,
-        # exactly as the exec would (their fds are close-on-exec).
+        # Incoming sessions of the ending generation that are not handed on
+        # are released, exactly as the exec would (their fds are close-on-exec).
+        kept = {id(s) for s in reboot.handed_over_sessions(old)}
         for session in old.incoming.values():
-            for file in session.files.values():
-                file.release()
+            if id(session) not in kept:
+                for file in session.files.values():
+                    file.release()
         old.incoming.clear()
         try:
             new = reboot.restore(decode_image(encode_image(image)), self.registry, self.limits)

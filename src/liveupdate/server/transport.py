@@ -72,6 +72,8 @@ class Endpoint:
     session: Session | None = None
     pending: collections.deque[tuple[bytes, int | None]] = field(default_factory=collections.deque)
     closed: bool = False
+    #: Close after the pending replies without releasing the session.
+    detach: bool = False
 
     @property
     def kind(self) -> str:
@@ -223,6 +225,9 @@ class DeviceServer:
     def bind_session(self, session: Session) -> int:
         """Give ``session`` a socketpair; returns the client's end to send."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A session fd can be passed around: every request then carries its
+        # real sender's credentials (SCM_CREDENTIALS) for the owner checks.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ep = Endpoint(ours, session.owner, session)
         session.endpoint = ep
         self._register(ep)
@@ -239,7 +244,12 @@ class DeviceServer:
         """Answer the messages waiting on ``ep``, one reply each."""
         while not ep.closed and not ep.pending:
             try:
-                msg = wire.recv_message(ep.sock, _RECV_BUF, flags=socket.MSG_DONTWAIT)
+                msg = wire.recv_message(
+                    ep.sock,
+                    _RECV_BUF,
+                    flags=socket.MSG_DONTWAIT,
+                    creds=ep.session is not None,
+                )
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -273,7 +283,10 @@ class DeviceServer:
             dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds, self.host)
             reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
         else:
-            scall = SessionCall(self.luo, ep.session, msg.fds)
+            caller = Owner(*msg.creds) if msg.creds is not None else None
+            scall = SessionCall(
+                self.luo, ep.session, msg.fds, caller, lambda: self._detach_after_reply(ep)
+            )
             reply = dispatch(self.session_table, req.cmd, req.arg, scall, ep.session.direction)
         self._log_call(ep, req.cmd, reply)
         return reply
@@ -289,6 +302,10 @@ class DeviceServer:
             event("ioctl-failed", logging.DEBUG, **fields)
         else:
             event("ioctl", logging.DEBUG, **fields)
+
+    def _detach_after_reply(self, ep: Endpoint) -> None:
+        """The session was handed over: its fd dies once this reply is out."""
+        ep.detach = True
 
     def _reply(self, ep: Endpoint, data: bytes, fd: int | None) -> None:
         ep.pending.append((data, fd))
@@ -308,6 +325,9 @@ class DeviceServer:
             ep.pending.popleft()
             if fd is not None:
                 os.close(fd)
+        if ep.detach and not ep.pending:
+            self._drop(ep)
+            return
         if not ep.closed:
             # Requests that queued meanwhile are reported again (level-triggered).
             self.selector.modify(ep.sock, selectors.EVENT_READ, ep)

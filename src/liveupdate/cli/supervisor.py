@@ -1,0 +1,230 @@
+"""``luoctl run``: supervise a service whose state lives in a luod session.
+
+The supervisor owns one session name. It retrieves the session when a
+predecessor handed it over (``incoming``) or creates it (``outgoing``), runs
+the service with the session fd inherited (see :mod:`liveupdate.client.service`
+for the environment), and keeps its own copy of every session fd, so the
+state never depends on the service process staying alive.
+
+* **Update** (SIGHUP, or ``luoctl update NAME``): stop the running service
+  (``--stop-signal``, then SIGKILL after ``--stop-timeout``), hand the
+  outgoing session over with LUOD_SESSION_UPDATE, retrieve it and start the
+  service again, which retrieves everything. Listening sockets stay open in
+  luod throughout, so connection attempts wait in the backlog instead of
+  being refused; connected sockets keep their unread bytes.
+* **Crash** (the service exits non-zero or by a signal): the same hand-over,
+  then a restart (``--restart on-failure``, the default), rate-limited.
+* **Supervisor crash**: with ``--keep-on-close`` luod hands the session over
+  when the last copy of its fd closes, so the next ``luoctl run`` resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import liveupdate
+from liveupdate.client.service import (
+    NEXT_SESSION_FD_ENV,
+    SESSION_FD_ENV,
+    SESSION_NAME_ENV,
+    SESSION_STATE_ENV,
+)
+from liveupdate.paths import DEVICE_ENV, resolve_device
+
+__all__ = ["Supervisor"]
+
+#: Restarts allowed within ``_RESTART_WINDOW`` seconds before giving up.
+_RESTART_BURST = 5
+_RESTART_WINDOW = 10.0
+
+
+def _say(message: str) -> None:
+    print(f"luoctl run: {message}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    """Runs ``argv`` with the session ``name``; see the module documentation."""
+
+    def __init__(
+        self,
+        device: str | None,
+        name: str,
+        argv: Sequence[str],
+        keep_on_close: bool = False,
+        stop_signal: int = signal.SIGTERM,
+        stop_timeout: float = 10.0,
+        restart: str = "on-failure",
+        open_timeout: float = 30.0,
+    ) -> None:
+        self.device = device
+        self.name = name
+        self.argv = list(argv)
+        self.keep_on_close = keep_on_close
+        self.stop_signal = stop_signal
+        self.stop_timeout = stop_timeout
+        self.restart = restart
+        self.open_timeout = open_timeout
+        self.state = "outgoing"
+        self.current: liveupdate.Session | None = None
+        self.next: liveupdate.Session | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._update = False
+        self._stop_signal: int | None = None
+        self._restarts: list[float] = []
+
+    # -- sessions ----------------------------------------------------------------------
+
+    @property
+    def outgoing(self) -> liveupdate.Session:
+        session = self.next if self.next is not None else self.current
+        assert session is not None
+        return session
+
+    def acquire(self) -> None:
+        """Retrieve the session if it was handed over, else create it."""
+        with liveupdate.open_device(self.device, timeout=self.open_timeout) as dev:
+            try:
+                self.current = dev.retrieve_session(self.name)
+                self.state = "incoming"
+                self.next = dev.create_session(self.name)
+            except liveupdate.NotFoundError:
+                self.current = dev.create_session(self.name)
+                self.state = "outgoing"
+                self.next = None
+        if self.keep_on_close:
+            self.outgoing.keep_on_close()
+        _say(f"session {self.name!r} {self.state}")
+
+    def _incoming_finished(self) -> bool:
+        with liveupdate.open_device(self.device, timeout=self.open_timeout) as dev:
+            listing = dev.list_sessions(self.name, files=False)
+        return any(s["direction"] == "incoming" and s["finished"] for s in listing["sessions"])
+
+    def hand_over(self) -> None:
+        """The service has exited: hand its state to the next one.
+
+        If it had not taken its predecessor's state over yet (the incoming
+        session is not finished), nothing moves: the next service gets the
+        same sessions and retrieves again. Otherwise the outgoing session is
+        handed over and re-acquired as incoming.
+        """
+        if self.state == "incoming" and self.current is not None:
+            if not self._incoming_finished():
+                _say("the service had not taken its state over: it gets the same sessions")
+                return
+            self.current.close()
+        self.outgoing.update()
+        self.current = self.next = None
+        self.acquire()
+
+    def release(self) -> None:
+        for session in (self.current, self.next):
+            if session is not None:
+                session.close()
+        self.current = self.next = None
+
+    # -- the service -------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        assert self.current is not None
+        env = dict(os.environ)
+        env[SESSION_FD_ENV] = str(self.current.fileno())
+        env[SESSION_NAME_ENV] = self.name
+        env[SESSION_STATE_ENV] = self.state
+        env[DEVICE_ENV] = resolve_device(self.device)
+        pass_fds = [self.current.fileno()]
+        env.pop(NEXT_SESSION_FD_ENV, None)
+        if self.next is not None:
+            env[NEXT_SESSION_FD_ENV] = str(self.next.fileno())
+            pass_fds.append(self.next.fileno())
+        self.proc = subprocess.Popen(self.argv, env=env, pass_fds=pass_fds)
+        _say(f"started pid {self.proc.pid} ({self.state})")
+
+    def stop_service(self, sig: int) -> int:
+        """Signal the service, wait up to ``stop_timeout``, then SIGKILL it."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                _say(f"pid {self.proc.pid} did not stop in {self.stop_timeout} s: SIGKILL")
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    # -- main loop ----------------------------------------------------------------------
+
+    def _on_hup(self, _sig: int, _frame: object) -> None:
+        self._update = True
+
+    def _on_stop(self, sig: int, _frame: object) -> None:
+        self._stop_signal = sig
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW]
+        self._restarts.append(now)
+        return len(self._restarts) <= _RESTART_BURST
+
+    def run(self) -> int:
+        """Supervise until the service exits cleanly or we are told to stop."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        try:
+            self.acquire()
+            self.spawn()
+            return self._loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+            self.release()
+
+    def _loop(self, wake_r: int) -> int:
+        selector = selectors.DefaultSelector()
+        selector.register(wake_r, selectors.EVENT_READ)
+        while True:
+            assert self.proc is not None
+            pidfd = os.pidfd_open(self.proc.pid)
+            selector.register(pidfd, selectors.EVENT_READ)
+            try:
+                while self.proc.poll() is None and not self._update and self._stop_signal is None:
+                    selector.select()
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+            finally:
+                selector.unregister(pidfd)
+                os.close(pidfd)
+            if self._stop_signal is not None:
+                rc = self.stop_service(self._stop_signal)
+                _say(f"stopped ({signal.Signals(self._stop_signal).name}), service exit {rc}")
+                return 0 if rc in (0, -self._stop_signal) else rc
+            if self._update:
+                self._update = False
+                rc = self.stop_service(self.stop_signal)
+                _say(f"update: service exit {rc}; handing session {self.name!r} over")
+                self.hand_over()
+                self.spawn()
+                continue
+            rc = self.proc.returncode
+            if rc == 0 or self.restart == "no":
+                _say(f"service exited {rc}")
+                return rc
+            if not self._may_restart():
+                _say(f"service crashed {rc}; too many restarts, giving up")
+                return rc if rc > 0 else 128 - rc
+            _say(f"service crashed ({rc}); restarting it with its state")
+            self.hand_over()
+            self.spawn()

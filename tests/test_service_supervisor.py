@@ -1,0 +1,206 @@
+"""``luoctl run``: a real echo service updated and crashed under a client's nose.
+
+A client keeps one TCP connection open and sends numbered lines through:
+an update (``luoctl update``), a crash of the service (SIGKILL: the
+supervisor restarts it with its state) and a crash of the supervisor itself
+(SIGKILL of the whole process group, then ``luoctl run`` again: keep-on-close
+hands the session over). Meanwhile another client connects in a loop. The
+promise: zero refused connections, zero lost bytes, the connection stays up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import liveupdate
+from luodtest import REPO, Luod
+
+pytestmark = pytest.mark.luod_only
+
+ECHO = REPO / "examples" / "echo_service.py"
+
+
+def luoctl(daemon: Luod, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "liveupdate.cli.luoctl", "--socket", daemon.socket, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Service:
+    """``luoctl run --session echo --keep-on-close -- python echo_service.py``."""
+
+    def __init__(self, daemon: Luod, tmp: Path) -> None:
+        self.daemon = daemon
+        self.port_file = tmp / "port"
+        self.log = tmp / "run.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "liveupdate.cli.luoctl", "--socket", self.daemon.socket,
+                    "run", "--session", "echo", "--keep-on-close", "--stop-timeout", "5",
+                    "--", sys.executable, str(ECHO), "0",
+                ],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "ECHO_PORT_FILE": str(self.port_file)},
+                start_new_session=True,
+            )  # fmt: skip
+        wait_for(self.port_file.exists, f"the service did not start:\n{self.log.read_text()}")
+
+    @property
+    def port(self) -> int:
+        return int(self.port_file.read_text())
+
+    def service_pid(self) -> int:
+        """The echo service's pid (the supervisor's child)."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return int(children.split()[0])
+
+    def kill_all(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.02)
+
+
+class Talker(threading.Thread):
+    """Sends numbered lines on one connection and checks every echo comes back."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(60)
+        self.sent = 0
+        self.received: list[int] = []
+        self.error: BaseException | None = None
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while not self.stop_flag.is_set():
+                self.sock.sendall(f"{self.sent}\n".encode())
+                self.sent += 1
+                while b"\n" not in buf:
+                    chunk = self.sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("connection closed by the service")
+                    buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    seq = int(line)
+                    # A crash can repeat an echo (never lose one): drop repeats.
+                    if not self.received or seq > self.received[-1]:
+                        self.received.append(seq)
+                time.sleep(0.002)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+class Connector(threading.Thread):
+    """Opens new connections in a loop, counting refusals."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.ok = 0
+        self.refused = 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
+                    s.sendall(b"ping\n")
+                    s.settimeout(30)
+                    assert s.recv(16).startswith(b"ping")
+                self.ok += 1
+            except ConnectionRefusedError:
+                self.refused += 1
+            time.sleep(0.01)
+
+
+def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) -> None:
+    service = Service(luod, tmp_path)
+    service.start()
+    port = service.port
+    talker = Talker(port)
+    connector = Connector(port)
+    talker.start()
+    connector.start()
+    try:
+        wait_for(lambda: len(talker.received) > 20, "no echo before the update")
+
+        # 1. A live update of the service.
+        first = service.service_pid()
+        result = luoctl(luod, "update", "echo")
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: service.service_pid() != first, "the service was not restarted")
+        mark = talker.sent
+        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after update")
+
+        # 2. The service crashes: the supervisor hands its state to a new one.
+        second = service.service_pid()
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: service.service_pid() != second, "the service was not restarted")
+        mark = talker.sent
+        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after crash")
+
+        # 3. The supervisor and the service die together: keep-on-close keeps
+        # the session; a new `luoctl run` takes it over.
+        service.kill_all()
+        time.sleep(0.2)
+        with liveupdate.open_device(luod.socket, timeout=10) as dev:
+            listing = dev.list_sessions("echo")
+        directions = {s["direction"] for s in listing["sessions"]}
+        assert "incoming" in directions, listing
+        service.start()
+        assert service.port == port
+        mark = talker.sent
+        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after restart")
+    finally:
+        talker.stop_flag.set()
+        connector.stop_flag.set()
+        talker.join(10)
+        connector.join(60)
+        service.stop()
+    assert talker.error is None, talker.error
+    # Every line sent was echoed, in order, over the one connection.
+    assert talker.received == list(range(len(talker.received)))
+    assert len(talker.received) >= talker.sent - 1
+    assert connector.refused == 0
+    assert connector.ok > 0
