@@ -9,27 +9,46 @@ the daemon ``luod``'s Unix socket or a real kernel's ``/dev/liveupdate``::
 
 See :func:`open_device`, :class:`Device` and :class:`Session`. The ABI itself
 is in :mod:`liveupdate.uapi`.
+
+The client names are loaded on first use, so that processes which only need
+another part of the package (``luod`` re-executing during a live update,
+above all) do not pay for importing the client library.
 """
 
-from liveupdate.client.device import Device, Session, StateInfo, open_device
-from liveupdate.client.errors import (
-    AlreadyExistsError,
-    BadFileError,
-    DeviceBusyError,
-    InvalidArgumentError,
-    LiveUpdateError,
-    NoSpaceError,
-    NotFoundError,
-    NotSupportedError,
-    OutOfResourcesError,
-    PermissionDeniedError,
-    RestoreFailedError,
-    StaleGenerationError,
-    StructTooBigError,
-)
-from liveupdate.client.service import InheritedSession, inherited_session
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: Public name -> module that defines it.
+_EXPORTS = {
+    "Device": "liveupdate.client.device",
+    "Session": "liveupdate.client.device",
+    "StateInfo": "liveupdate.client.device",
+    "open_device": "liveupdate.client.device",
+    "InheritedSession": "liveupdate.client.service",
+    "inherited_session": "liveupdate.client.service",
+    **{
+        name: "liveupdate.client.errors"
+        for name in (
+            "AlreadyExistsError",
+            "BadFileError",
+            "DeviceBusyError",
+            "InvalidArgumentError",
+            "LiveUpdateError",
+            "NoSpaceError",
+            "NotFoundError",
+            "NotSupportedError",
+            "OutOfResourcesError",
+            "PermissionDeniedError",
+            "RestoreFailedError",
+            "StaleGenerationError",
+            "StructTooBigError",
+        )
+    },
+}
 
 __all__ = [
     "AlreadyExistsError",
@@ -52,3 +71,38 @@ __all__ = [
     "inherited_session",
     "open_device",
 ]
+
+assert sorted(_EXPORTS) == __all__, "every export is listed once"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'liveupdate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from liveupdate.client.device import Device, Session, StateInfo, open_device
+    from liveupdate.client.errors import (
+        AlreadyExistsError,
+        BadFileError,
+        DeviceBusyError,
+        InvalidArgumentError,
+        LiveUpdateError,
+        NoSpaceError,
+        NotFoundError,
+        NotSupportedError,
+        OutOfResourcesError,
+        PermissionDeniedError,
+        RestoreFailedError,
+        StaleGenerationError,
+        StructTooBigError,
+    )
+    from liveupdate.client.service import InheritedSession, inherited_session
