@@ -20,7 +20,7 @@ def default_socket_path() -> str:
     """luod's default socket: the system path for root, else one needing no root.
 
     A user's daemon lives under ``$XDG_RUNTIME_DIR/liveupdate/device`` (or
-    ``/tmp/liveupdate-UID/device`` without it), so starting it needs no
+    ``/tmp/liveupdate-UID/liveupdate/device`` without it), so starting it needs no
     privilege and never collides with the system daemon.
     """
     if os.geteuid() == 0:

@@ -195,6 +195,9 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
             pass  # opened just before the old generation closed its connections
         except liveupdate.NotFoundError:
             pass  # socket momentarily absent
+        except liveupdate.LiveUpdateError as exc:
+            if exc.errno != errno.ETIMEDOUT:
+                raise
         if time.monotonic() >= deadline:
             raise liveupdate.LiveUpdateError(
                 errno.ETIMEDOUT, f"generation {generation} did not start serving"

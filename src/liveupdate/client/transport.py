@@ -36,8 +36,12 @@ class Transport(Protocol):
 
     name: str
 
-    def open(self, path: str) -> int:
-        """Open the device at ``path``; raise :class:`LiveUpdateError` (EBUSY, EIO...)."""
+    def open(self, path: str, timeout: float | None = None) -> int:
+        """Open the device at ``path``; raise :class:`LiveUpdateError` (EBUSY, EIO...).
+
+        ``timeout`` bounds how long the open itself may block (``None``: as
+        long as it takes); running out is ``ETIMEDOUT``.
+        """
         ...
 
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
@@ -57,7 +61,7 @@ class KernelTransport:
 
     name = "kernel"
 
-    def open(self, path: str) -> int:
+    def open(self, path: str, timeout: float | None = None) -> int:
         try:
             return os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -77,11 +81,15 @@ class SocketTransport:
 
     name = "socket"
 
-    def open(self, path: str) -> int:
+    def open(self, path: str, timeout: float | None = None) -> int:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A daemon stuck before serving leaves the connection queued on its
+        # listener: bound the connect and the wait for the hello.
+        sock.settimeout(timeout)
         try:
             sock.connect(path)
             hello = sock.recv(wire.HELLO.size + 1)
+            sock.settimeout(None)
             if not hello:
                 raise error_from_errno(errno.ENODEV, f"luod at {path} closed the connection")
             status = wire.decode_hello(hello)
@@ -91,6 +99,9 @@ class SocketTransport:
         except LiveUpdateError:
             sock.close()
             raise
+        except TimeoutError:
+            sock.close()
+            raise error_from_errno(errno.ETIMEDOUT, f"open {path}: no answer from luod") from None
         except OSError as exc:
             sock.close()
             err = exc.errno or errno.EIO
@@ -193,7 +204,10 @@ def open_with_retry(transport: KernelTransport | SocketTransport, path: str, tim
     delay = 0.001
     while True:
         try:
-            return transport.open(path)
+            # With no timeout an open blocks like open(2); with one, it is a bound.
+            return transport.open(
+                path, max(0.001, deadline - time.monotonic()) if timeout else None
+            )
         except LiveUpdateError as exc:
             if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
                 raise

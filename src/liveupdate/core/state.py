@@ -90,7 +90,7 @@ def prepare(luo: Orchestrator, host: RebootHost) -> None:
 def cancel(luo: Orchestrator) -> None:
     """CANCEL: leave PREPARED."""
     if luo.state != State.PREPARED:
-        raise OSError(errno.EINVAL, "not prepared: nothing to cancel")
+        raise _fail(luo, OSError(errno.EINVAL, "not prepared: nothing to cancel"))
     luo.prepared_mark = None
     luo.set_state(luo.resting_state())
 
@@ -103,14 +103,17 @@ def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
     """
     if luo.state == State.FROZEN:
         raise OSError(errno.EBUSY, "a reboot is in progress")
+    # The intent goes to disk first: a holder killed from here on (even in
+    # the pre-flight) leaves a record of what it held.
+    host.begin_reboot(reboot.snapshot(luo))
     checked = luo.state == State.PREPARED and luo.prepared_mark == luo.mutations
     if not checked and not no_exec:
         try:
             host.preflight(_dry_run_image(luo))
         except OSError as exc:
+            host.abort_reboot()
             raise _fail(luo, exc) from None
     previous = luo.state
-    host.begin_reboot(reboot.snapshot(luo))
     luo.set_state(State.FROZEN)
     try:
         image = reboot.freeze(luo, hook=host.freeze_hook)
@@ -182,6 +185,7 @@ def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
     if arg.flags and event != Event.REBOOT:
         raise OSError(errno.EINVAL, "flags are only valid with REBOOT")
     luo = call.luo
+    luo.last_error = ""  # the reason of *this* event's failure, if any
     arg.generation = luo.generation
     if event == Event.PREPARE:
         prepare(luo, _host(call))

@@ -56,7 +56,9 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
             "pid": record.process,
         }
-        obj.update(getattr(record, "fields", {}))
+        for key, value in getattr(record, "fields", {}).items():
+            # An event's fields never hide the record's own keys.
+            obj[f"{key}_" if key in obj else key] = value
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)

@@ -228,11 +228,8 @@ def run(config: Config, handover: Handover | None = None) -> int:
         activated=bool(activated),
         restored=handover is not None,
     )
-    print(
-        f"luod {__version__} serving {config.socket_path} (generation {luo.generation})",
-        file=sys.stderr,
-        flush=True,
-    )
+    # The line operators (and tests) wait for: the socket listens now.
+    event("serving", socket=config.socket_path, generation=luo.generation)
     systemd.notify("READY=1", f"STATUS=serving generation {luo.generation}")
     try:
         server.serve_forever()

@@ -248,8 +248,10 @@ class Rebooter:
                 for file in session.files.values():
                     file.release()
         old.incoming.clear()
+        restored = False
         try:
             new = reboot.restore(decode_image(encode_image(image)), self.registry, self.limits)
+            restored = True
         except (OSError, HandoverError) as exc:
             # Keep the old generation's objects (and so its fds) alive: a file
             # is never dropped because the next generation could not take it.
@@ -261,7 +263,10 @@ class Rebooter:
         self.server.luo = new
         if new.on_state_change is not None:
             new.on_state_change(new.state)
-        self.image_path.replace(self.state_dir / LAST_IMAGE_NAME)
+        if restored:
+            # A failed restore keeps the image: SIGHUP retries from it, and a
+            # crash of this generation is still reported at the next start.
+            self.image_path.replace(self.state_dir / LAST_IMAGE_NAME)
         elapsed = time.monotonic() - self.started_at
         event(
             "reboot-complete",
@@ -313,9 +318,11 @@ def report_lost(state_dir: Path) -> int:
     path = state_dir / IMAGE_NAME
     if not path.exists():
         return 0
-    stamp = time.strftime("%Y%m%dT%H%M%S")
+    # Unique even for two reports in one second: never overwrite a report.
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
     kept = state_dir / f"lost-{stamp}-{IMAGE_NAME}"
-    path.replace(kept)
+    os.link(path, kept)
+    path.unlink()
     try:
         image = decode_image(kept.read_bytes())
     except HandoverError as exc:

@@ -212,13 +212,13 @@ class DeviceServer:
             sock.close()
             return
         if status != 0:
-            event("device-refused", logging.DEBUG, pid=owner.pid, errno=-status)
+            event("device-refused", logging.DEBUG, peer_pid=owner.pid, errno=-status)
             sock.close()
             return
         ep = Endpoint(sock, owner)
         self._register(ep)
         self.device = ep
-        event("device-opened", pid=owner.pid, uid=owner.uid)
+        event("device-opened", peer_pid=owner.pid, uid=owner.uid)
 
     # -- sessions -------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class DeviceServer:
     def _log_call(self, ep: Endpoint, cmd: int, reply: Reply) -> None:
         info = uapi.IOCTLS.get(cmd)
         name = info.name if info else f"{cmd:#x}"
-        fields: dict[str, Any] = {"ioctl": name, "pid": ep.owner.pid}
+        fields: dict[str, Any] = {"ioctl": name, "peer_pid": ep.owner.pid}
         if ep.session is not None:
             fields["session"] = ep.session.display_name
         if reply.ret:
@@ -357,7 +357,7 @@ class DeviceServer:
         if session is None:
             if self.device is ep:
                 self.device = None
-                event("device-closed", pid=ep.owner.pid)
+                event("device-closed", peer_pid=ep.owner.pid)
             return
         nfiles = len(session.files)
         self.luo.release_session(session)

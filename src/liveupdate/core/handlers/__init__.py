@@ -1,13 +1,141 @@
-"""File handlers shipped with liveupdate, and the default registry."""
+"""File handlers shipped with liveupdate, third-party handlers, and the default registry.
+
+Built-in handlers, in the order they are asked (the first that accepts a
+file preserves it):
+
+==============  =========================================================
+``memfd-v1``    unlinked shmem files (memfds)
+``socket-v1``   TCP/UDP over IPv4/IPv6, Unix stream/dgram/seqpacket
+``pipe-v1``     pipe ends and FIFOs
+``eventfd-v1``  eventfds
+``file-v1``     regular files and directories not taken by memfd
+``pty-v1``      PTY masters
+``pidfd-v1``    pidfds
+==============  =========================================================
+
+Third-party handlers come after them: every entry point of the group
+``liveupdate.handlers`` names a :class:`~liveupdate.core.file.FileHandler`
+subclass (or a callable returning a handler instance). They are loaded in
+the order of their entry-point names; one that fails to load, is not a
+handler or reuses a compatible string is logged on the
+``liveupdate.handlers`` logger and skipped.
+"""
 
 from __future__ import annotations
 
-from liveupdate.core.file import HandlerRegistry
+import logging
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from liveupdate.core.file import FileHandler, HandlerRegistry
+from liveupdate.core.handlers.eventfd import EventfdHandler
+from liveupdate.core.handlers.file import RegularFileHandler
 from liveupdate.core.handlers.memfd import MemfdHandler
+from liveupdate.core.handlers.pidfd import PidfdHandler
+from liveupdate.core.handlers.pipe import PipeHandler
+from liveupdate.core.handlers.pty import PtyHandler
+from liveupdate.core.handlers.socket import SocketHandler
 
-__all__ = ["default_registry"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "builtin_handlers",
+    "default_registry",
+    "describe_data",
+    "load_plugins",
+    "plugin_entry_points",
+]
+
+#: The entry-point group third-party handlers register under.
+ENTRY_POINT_GROUP = "liveupdate.handlers"
+
+log = logging.getLogger("liveupdate.handlers")
 
 
-def default_registry() -> HandlerRegistry:
-    """The built-in handlers, in the order they are asked."""
-    return HandlerRegistry([MemfdHandler()])
+def builtin_handlers() -> list[FileHandler]:
+    """A fresh instance of every built-in handler, in the order they are asked."""
+    return [
+        MemfdHandler(),
+        SocketHandler(),
+        PipeHandler(),
+        EventfdHandler(),
+        RegularFileHandler(),
+        PtyHandler(),
+        PidfdHandler(),
+    ]
+
+
+def plugin_entry_points() -> list[EntryPoint]:
+    """The ``liveupdate.handlers`` entry points, sorted by name (then value)."""
+    unique: dict[tuple[str, str], EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        unique.setdefault((ep.name, ep.value), ep)
+    return sorted(unique.values(), key=lambda ep: (ep.name, ep.value))
+
+
+def _instantiate(obj: object) -> FileHandler:
+    """A handler from what an entry point names: a class, a factory or an instance."""
+    if isinstance(obj, FileHandler):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, FileHandler):
+        raise TypeError(f"{obj.__qualname__} is not a FileHandler subclass")
+    if not callable(obj):
+        raise TypeError(f"{obj!r} is neither a FileHandler subclass nor a factory")
+    handler = obj()
+    if not isinstance(handler, FileHandler):
+        raise TypeError(f"the factory returned {type(handler).__qualname__}, not a FileHandler")
+    return handler
+
+
+def load_plugins(registry: HandlerRegistry) -> list[str]:
+    """Register every third-party handler; returns the compatibles added.
+
+    A plugin that cannot be loaded or registered is logged and skipped:
+    luod must start (and restore what it can) whatever a plugin does.
+    """
+    added: list[str] = []
+    for ep in plugin_entry_points():
+        origin = ep.dist.name if ep.dist is not None else "unknown distribution"
+        try:
+            handler = _instantiate(ep.load())
+            registry.register(handler)
+        except (Exception, SystemExit) as exc:
+            log.error(
+                "handler plugin %s = %s (%s) skipped: %s: %s",
+                ep.name,
+                ep.value,
+                origin,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            continue
+        log.info("handler plugin %s = %s (%s): %s", ep.name, ep.value, origin, handler.compatible)
+        added.append(handler.compatible)
+    return added
+
+
+def default_registry(plugins: bool = True) -> HandlerRegistry:
+    """The built-in handlers then, unless ``plugins`` is false, the third-party ones."""
+    registry = HandlerRegistry(builtin_handlers())
+    if plugins:
+        load_plugins(registry)
+    return registry
+
+
+def describe_data(
+    compatible: str, data: bytes, registry: HandlerRegistry | None = None
+) -> dict[str, Any] | None:
+    """Decode a file's handler data from a handover image, for ``luoctl inspect``.
+
+    ``None`` when no handler of that compatible is known or it has no
+    ``describe_data``; ``{"error": reason}`` when the data is malformed.
+    """
+    handler = (registry or default_registry()).by_compatible(compatible)
+    decoder = getattr(handler, "describe_data", None) if handler is not None else None
+    if decoder is None:
+        return None
+    try:
+        result = decoder(data)
+    except Exception as exc:  # a decoder must not break an inspection
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return dict(result) if isinstance(result, dict) else {"value": result}

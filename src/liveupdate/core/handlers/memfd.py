@@ -90,3 +90,10 @@ class MemfdHandler(FileHandler):
         """The fields of a ``memfd-v1`` data blob (for inspection)."""
         size, pos, seals = _DATA.unpack(data)
         return {"size": size, "position": pos, "seals": seals}
+
+    @staticmethod
+    def describe_data(data: bytes) -> dict[str, Any]:
+        """:meth:`decode` for ``luoctl inspect``; :class:`ValueError` when malformed."""
+        if len(data) != _DATA.size:
+            raise ValueError(f"memfd-v1 data of {len(data)} bytes, expected {_DATA.size}")
+        return {"type": "memfd", **MemfdHandler.decode(data)}

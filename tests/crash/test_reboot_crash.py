@@ -1,0 +1,547 @@
+"""Crash safety of luod's live update (semantics.md, "Reboot": the crash promise).
+
+A SIGKILL of the daemon at any point of a reboot, followed by a restart, must
+leave the complete old generation, the complete new one, or, where the
+process that held the fds is gone, a clear report of what was lost. With a
+single daemon process the holder always dies with it, so every test here
+expects the report:
+
+* the restarted (cold) luod serves, replacing the dead daemon's stale socket;
+* its log names every lost session with its tokens (``session-lost``), and
+  ``GET_STATE.lost_sessions`` counts them;
+* nothing is half-restored: no name is retrievable, every name is free again
+  and the daemon holds none of the files;
+* the image it reports from is kept (``lost-*-handover.dtb``) and
+  ``luoctl inspect`` reads it.
+
+The kill points come from luod's ``LUOD_FAULT_FILE`` hook. The test keeps
+its own fd to every memfd it preserves, so it knows exactly what was held and
+can check that the files are intact and preservable again after the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import liveupdate
+from liveupdate.cli.luoctl import main as luoctl_main
+from liveupdate.core.file import HandlerRegistry
+from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord, encode_image
+from liveupdate.core.luo import Limits, Orchestrator
+from liveupdate.server import reboot as server_reboot
+from luodtest import Luod
+
+pytestmark = pytest.mark.luod_only
+
+#: The sessions every crash test holds: name -> tokens. The first session has
+#: files (the ``freeze`` fault fires after the first file's freeze), there is
+#: more than one session (``restore`` fires after the first restored one), and
+#: an empty session must be reported too.
+SESSIONS: dict[str, tuple[int, ...]] = {
+    "db": (0x0, 0x1A),
+    "cache": (2**64 - 1,),
+    "idle": (),
+}
+
+LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+STEPS = ["freeze", "after-image", "before-exec", "after-exec", "restore"]
+
+_LOST_RE = re.compile(r" session-lost session=(\S+) files=(\d+) tokens=(\S+)")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def luoctl(sock: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``luoctl --socket SOCK ARGS`` (it must not hang: bounded by ``timeout``)."""
+    return subprocess.run(
+        [*LUOCTL, "--socket", sock, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_luod(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run a luod that is expected to refuse to start (fails the test if it serves)."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "liveupdate.server.luod", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    except subprocess.TimeoutExpired as exc:  # pragma: no cover - the failure mode
+        pytest.fail(f"luod {args} did not exit: it is serving\n{exc.stderr!r}")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("crash-test", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def content(name: str, token: int) -> bytes:
+    return f"{name}/{token:#x}|".encode() * 200
+
+
+class Held:
+    """What the test preserved in one daemon: sessions plus its own memfd fds."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.sessions: dict[str, liveupdate.Session] = {}
+        #: (name, token) -> the test's own fd to the preserved memfd.
+        self.memfds: dict[tuple[str, int], int] = {}
+
+    def fill(self, daemon: Luod, sessions: dict[str, tuple[int, ...]] = SESSIONS) -> Held:
+        with daemon.open() as dev:
+            for name, tokens in sessions.items():
+                session = self.stack.enter_context(dev.create_session(name))
+                self.sessions[name] = session
+                for token in tokens:
+                    fd = memfd_with(content(name, token))
+                    self.stack.callback(os.close, fd)
+                    session.preserve(fd, token)
+                    self.memfds[name, token] = fd
+        return self
+
+    def assert_intact(self) -> None:
+        """The test's own fds still show every byte it wrote (its reference is alive)."""
+        for (name, token), fd in self.memfds.items():
+            expected = content(name, token)
+            assert os.pread(fd, len(expected) + 1, 0) == expected
+
+    def inodes(self) -> set[tuple[int, int]]:
+        return {(st.st_dev, st.st_ino) for st in map(os.fstat, self.memfds.values())}
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@pytest.fixture
+def held() -> Iterator[Held]:
+    h = Held()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def daemon_inodes(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every file the process ``pid`` has open."""
+    found = set()
+    for entry in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def cold_restart(daemon: Luod, log_name: str = "cold.log") -> None:
+    """Start luod again on the same socket and state dir, without any fault."""
+    daemon.env.pop("LUOD_FAULT_FILE", None)
+    daemon.log = daemon.state_dir / log_name
+    daemon.start()
+
+
+def lost_in_log(text: str) -> dict[str, tuple[int, list[int]]]:
+    """``session-lost`` lines of a human log: name -> (files, tokens)."""
+    lost: dict[str, tuple[int, list[int]]] = {}
+    for match in _LOST_RE.finditer(text):
+        name, files, tokens = match.groups()
+        tokens = tokens.strip('"')
+        lost[name] = (int(files), [int(t, 16) for t in tokens.split(",") if t])
+    return lost
+
+
+def expected_lost(sessions: dict[str, tuple[int, ...]] = SESSIONS) -> dict[str, Any]:
+    return {name: (len(tokens), list(tokens)) for name, tokens in sessions.items()}
+
+
+def crash_during_reboot(daemon: Luod, step: str) -> subprocess.CompletedProcess[str]:
+    """``luoctl reboot`` with the fault armed; returns luoctl's result."""
+    result = luoctl(daemon.socket, "reboot", "--wait", "10", timeout=30)
+    assert daemon.proc.wait(10) == -signal.SIGKILL, daemon.log_text()
+    assert f"fault-kill step={step}" in daemon.log_text()
+    return result
+
+
+def assert_reported_lost(daemon: Luod, held: Held) -> Path:
+    """The promise after a crash: report, nothing half-restored, names free.
+
+    Returns the kept image.
+    """
+    log = daemon.log_text()
+    # (a) it serves, and it replaced the dead daemon's socket file itself
+    assert "stale-socket-removed" in log
+    with daemon.open() as dev:
+        info = dev.get_state()
+        # (b) every lost session is named, with its tokens, and counted
+        assert lost_in_log(log) == expected_lost()
+        assert re.search(rf" lost-report sessions={len(SESSIONS)} ", log), log
+        assert info.lost_sessions == len(SESSIONS)
+        assert info.generation == 1  # a cold start, not a half-restored next generation
+        assert info.state == liveupdate.uapi.LuodState.NORMAL
+        assert info.incoming_sessions == 0
+        assert info.preserved_files == 0
+        # (c) never a mix: nothing retrievable, every name free again
+        for name in SESSIONS:
+            with pytest.raises(liveupdate.NotFoundError):
+                dev.retrieve_session(name)
+        assert not held.inodes() & daemon_inodes(daemon.pid), "the new daemon holds a file"
+        held.assert_intact()
+        with contextlib.ExitStack() as stack:
+            for name, tokens in SESSIONS.items():
+                session = stack.enter_context(dev.create_session(name))
+                for token in tokens:  # the files are not held: preservable again
+                    session.preserve(held.memfds[name, token], token)
+    assert (daemon.state_dir / "state").read_text() == "normal\n"
+    # (d) the image is kept under a new name and luoctl inspect lists it
+    assert not (daemon.state_dir / "handover.dtb").exists()
+    kept = sorted(daemon.state_dir.glob("lost-*-handover.dtb"))
+    assert len(kept) == 1
+    assert str(kept[0]) in log  # the report says where to look
+    return kept[0]
+
+
+def assert_inspect_lists(image: Path) -> None:
+    """``luoctl inspect`` (run in-process: it only reads the file) lists every session."""
+    runner = CliRunner()
+    result = runner.invoke(luoctl_main, ["--json", "inspect", str(image)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {s["name"]: [f["token"] for f in s["files"]] for s in data["sessions"]} == {
+        name: list(tokens) for name, tokens in SESSIONS.items()
+    }
+    assert all(f["compatible"] == "memfd-v1" for s in data["sessions"] for f in s["files"])
+    text = runner.invoke(luoctl_main, ["inspect", str(image)])
+    assert text.exit_code == 0, text.output
+    assert f"{len(SESSIONS)} sessions" in text.stdout
+    for name in SESSIONS:
+        assert name in text.stdout
+    assert "0x1a" in text.stdout
+
+
+# ---------------------------------------------------------------------------
+# the crash promise, step by step
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_during_reboot_is_reported(
+    step: str, luod_factory: Callable[..., Luod], held: Held, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults"
+    faults.write_text(f"kill-at {step}\n")
+    daemon = luod_factory(env={"LUOD_FAULT_FILE": str(faults)})
+    held.fill(daemon)
+
+    result = crash_during_reboot(daemon, step)
+    assert result.returncode == 1, result
+    assert "luoctl:" in result.stderr
+    # What the dead daemon left: its image (intent or final) and its socket file.
+    assert (daemon.state_dir / "handover.dtb").exists()
+    assert Path(daemon.socket).exists()
+    # The old generation's session fds are dead, and say so.
+    with pytest.raises(liveupdate.StaleGenerationError):
+        held.sessions["db"].get_name()
+
+    cold_restart(daemon)
+    kept = assert_reported_lost(daemon, held)
+    assert_inspect_lists(kept)
+
+
+def test_eio_generation_killed_is_reported(
+    luod_factory: Callable[..., Luod], held: Held, tmp_path: Path
+) -> None:
+    """A generation that could not restore (EIO, holding everything) and is then
+    killed: the image it kept in place is reported at the next cold start."""
+    wrapper = tmp_path / "luod-drops-an-fd"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        "# The next generation starts without one of the memfds it inherits.\n"
+        'if [[ " $* " == *" --handover "* ]]; then\n'
+        "  for f in /proc/$$/fd/*; do\n"
+        '    if [[ $(readlink "$f") == /memfd:crash-test* ]]; then\n'
+        '      eval "exec ${f##*/}<&-"; break\n'
+        "    fi\n"
+        "  done\n"
+        "fi\n"
+        f'exec {sys.executable} -m liveupdate.server.luod "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    daemon = luod_factory("--exec", str(wrapper))
+    held.fill(daemon)
+
+    result = luoctl(daemon.socket, "reboot", "--wait", "10")
+    assert result.returncode == 1
+    wait_for(lambda: "restore-failed" in daemon.log_text(), what="restore-failed")
+    with pytest.raises(liveupdate.RestoreFailedError):
+        daemon.open(timeout=0)
+    assert (daemon.state_dir / "handover.dtb").exists()  # kept for a retry
+
+    daemon.proc.kill()
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    cold_restart(daemon)
+    assert_inspect_lists(assert_reported_lost(daemon, held))
+
+
+# ---------------------------------------------------------------------------
+# controls and limits
+# ---------------------------------------------------------------------------
+
+
+def test_normal_reboot_leaves_nothing_to_report(
+    luod_factory: Callable[..., Luod], held: Held
+) -> None:
+    daemon = luod_factory()
+    held.fill(daemon)
+    result = luoctl(daemon.socket, "reboot", "--wait", "10")
+    assert result.returncode == 0, result.stderr
+    assert not (daemon.state_dir / "handover.dtb").exists()
+    assert (daemon.state_dir / "last-handover.dtb").exists()
+    with daemon.open() as dev:
+        assert dev.get_state().incoming_sessions == len(SESSIONS)
+
+    assert daemon.stop() == 0
+    cold_restart(daemon)
+    log = daemon.log_text()
+    assert "session-lost" not in log and "lost-report" not in log
+    assert not list(daemon.state_dir.glob("lost-*"))
+    with daemon.open() as dev:
+        assert dev.get_state().lost_sessions == 0
+
+
+def test_sigkill_outside_a_reboot_is_not_reported(
+    luod_factory: Callable[..., Luod], held: Held
+) -> None:
+    """Documented limit (docs/concepts/crash-safety.md): the promise covers a
+    reboot. A daemon killed while merely serving leaves no image, so the files
+    it held are gone without a report (the clients' own fds survive)."""
+    daemon = luod_factory()
+    held.fill(daemon)
+    daemon.proc.kill()
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+
+    cold_restart(daemon)
+    assert "session-lost" not in daemon.log_text()
+    with daemon.open() as dev:
+        assert dev.get_state().lost_sessions == 0
+    held.assert_intact()
+
+
+def test_failed_reboot_removes_its_intent(
+    luod_factory: Callable[..., Luod], held: Held, tmp_path: Path
+) -> None:
+    """A reboot that failed (and rolled back) removes its intent image: the old
+    generation goes on, and a later SIGKILL is one outside a reboot."""
+    faults = tmp_path / "faults"
+    faults.write_text("freeze-fail EBUSY 0x1a\n")
+    daemon = luod_factory(env={"LUOD_FAULT_FILE": str(faults)})
+    held.fill(daemon)
+    result = luoctl(daemon.socket, "reboot", "--wait", "10")
+    assert result.returncode == 1
+    assert "EBUSY" in result.stderr
+    assert "reboot-aborted" in daemon.log_text()
+    assert not (daemon.state_dir / "handover.dtb").exists()
+    with daemon.open() as dev:
+        assert dev.get_state().outgoing_sessions == len(SESSIONS)  # still the old generation
+
+
+def test_sigkill_during_reboot_preflight_is_reported(
+    luod_factory: Callable[..., Luod], held: Held, tmp_path: Path
+) -> None:
+    marker = tmp_path / "preflight.pid"
+    wrapper = tmp_path / "luod-slow-preflight"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for arg in "$@"; do\n'
+        '  if [ "$arg" = --check-image ]; then echo $$ > ' + str(marker) + "; exec sleep 30; fi\n"
+        "done\n"
+        f'exec {sys.executable} -m liveupdate.server.luod "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    daemon = luod_factory("--exec", str(wrapper))
+    held.fill(daemon)
+    reboot = subprocess.Popen(
+        [*LUOCTL, "--socket", daemon.socket, "reboot", "--wait", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: marker.exists() and marker.read_text().strip() != "", what="preflight")
+        daemon.proc.kill()  # SIGKILL while REBOOT waits for its pre-flight
+        assert daemon.proc.wait(10) == -signal.SIGKILL
+        assert reboot.wait(10) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+        reboot.kill()
+        reboot.wait()
+
+    cold_restart(daemon)
+    with daemon.open() as dev:
+        assert dev.get_state().lost_sessions == len(SESSIONS)
+    assert lost_in_log(daemon.log_text()) == expected_lost()
+
+
+def test_luoctl_reboot_wait_is_bounded_when_next_generation_hangs(
+    luod_factory: Callable[..., Luod], held: Held, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults"
+    faults.write_text("stop-at after-exec\n")
+    daemon = luod_factory(env={"LUOD_FAULT_FILE": str(faults)})
+    held.fill(daemon, {"db": (1,)})
+    try:
+        start = time.monotonic()
+        try:
+            result = luoctl(daemon.socket, "reboot", "--wait", "1", timeout=4)
+        except subprocess.TimeoutExpired:
+            pytest.fail("luoctl reboot --wait 1 still waiting after 4 s")
+        assert time.monotonic() - start < 4
+        assert result.returncode == 1
+        assert "did not start serving" in result.stderr
+    finally:
+        daemon.proc.kill()  # it is stopped: SIGTERM would stay pending
+        daemon.proc.wait()
+
+
+def test_two_reports_in_one_second_keep_both_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_reboot.time, "strftime", lambda *_a: "20260101T000000")
+    for number, name in enumerate([b"first", b"second"], start=1):
+        image = HandoverImage(
+            liveupdate_number=number,
+            sessions=[SessionRecord(name=name, uid=0, gid=0, pid=1, created=1.0)],
+        )
+        (tmp_path / "handover.dtb").write_bytes(encode_image(image))
+        assert server_reboot.report_lost(tmp_path) == 1
+    assert len(list(tmp_path.glob("lost-*"))) == 2
+
+
+def test_failed_in_process_restore_keeps_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--no-exec`` (or a failed exec) restores in-process; when that fails the
+    image must stay in place, as it does after an exec (restore_from_image)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    fd = memfd_with(b"held")
+    try:
+        image = HandoverImage(
+            liveupdate_number=1,
+            sessions=[
+                SessionRecord(
+                    name=b"db",
+                    uid=0,
+                    gid=0,
+                    pid=1,
+                    created=1.0,
+                    files=[FileRecord(token=1, compatible="memfd-v1", fd=fd, data=b"")],
+                )
+            ],
+        )
+        (tmp_path / "handover.dtb").write_bytes(encode_image(image))
+        no_handlers = HandlerRegistry()  # the restore cannot fit: no memfd-v1
+        old = Orchestrator(no_handlers)
+        server = SimpleNamespace(luo=old)
+        rebooter = server_reboot.Rebooter(
+            server,  # type: ignore[arg-type]
+            no_handlers,
+            Limits(),
+            str(tmp_path),
+            ["/nonexistent/luod"],
+            [],
+            -1,
+        )
+        rebooter.restore_in_process(image)
+        assert server.luo.restore_error is not None  # the EIO generation
+        assert (tmp_path / "handover.dtb").exists()
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# never steal a live daemon's socket
+# ---------------------------------------------------------------------------
+
+
+def test_second_luod_on_same_state_dir_is_refused(luod_factory: Callable[..., Luod]) -> None:
+    daemon = luod_factory()
+    inode = os.stat(daemon.socket).st_ino
+    result = run_luod("--socket", daemon.socket)
+    assert result.returncode == 1
+    assert f"luod: another luod holds {daemon.state_dir / 'luod.lock'}" in result.stderr
+    assert os.stat(daemon.socket).st_ino == inode
+    with daemon.open() as dev:
+        assert dev.get_state().generation == 1
+    assert daemon.alive()
+
+
+def test_second_luod_on_same_socket_is_refused(
+    luod_factory: Callable[..., Luod], tmp_path: Path
+) -> None:
+    daemon = luod_factory()
+    inode = os.stat(daemon.socket).st_ino
+    other = tmp_path / "other-state"
+    result = run_luod("--socket", daemon.socket, "--state-dir", str(other))
+    assert result.returncode == 1
+    assert f"luod: a daemon is already serving {daemon.socket}" in result.stderr
+    assert os.stat(daemon.socket).st_ino == inode
+    with daemon.open() as dev:
+        dev.get_state()
+    assert not (other / "handover.dtb").exists()
+
+
+def test_stale_socket_of_a_killed_daemon_is_replaced(luod_factory: Callable[..., Luod]) -> None:
+    daemon = luod_factory()
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    assert Path(daemon.socket).exists()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(daemon.socket)
+    cold_restart(daemon)
+    assert f"stale-socket-removed path={daemon.socket}" in daemon.log_text()
+    with daemon.open() as dev:
+        assert dev.get_state().lost_sessions == 0
+
+
+def test_regular_file_at_socket_path_is_refused_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "device"
+    path.write_text("not a socket\n")
+    result = run_luod("--socket", str(path))
+    assert result.returncode == 1
+    assert f"{path} exists and is not a socket; not touching it" in result.stderr
+    assert path.read_text() == "not a socket\n"
