@@ -343,22 +343,44 @@ def test_normal_reboot_leaves_nothing_to_report(
         assert dev.get_state().lost_sessions == 0
 
 
-def test_sigkill_outside_a_reboot_is_not_reported(
+def test_sigkill_outside_a_reboot_is_reported_from_the_journal(
     luod_factory: Callable[..., Luod], held: Held
 ) -> None:
-    """Documented limit (docs/concepts/crash-safety.md): the promise covers a
-    reboot. A daemon killed while merely serving leaves no image, so the files
-    it held are gone without a report (the clients' own fds survive)."""
-    daemon = luod_factory()
+    """A daemon killed while merely serving: its journal (rewritten at most
+    every --journal-interval seconds) names what it held, so the next start
+    reports every session as lost instead of losing them silently."""
+    daemon = luod_factory("--journal-interval", "0.05")
     held.fill(daemon)
+    journal = daemon.state_dir / "journal.dtb"
+    deadline = time.monotonic() + 10
+    while not journal.exists() or b"cache" not in journal.read_bytes():
+        assert time.monotonic() < deadline, "the journal was not written"
+        time.sleep(0.02)
+    time.sleep(0.2)  # the last write covers every session
     daemon.proc.kill()
     assert daemon.proc.wait(10) == -signal.SIGKILL
 
     cold_restart(daemon)
-    assert "session-lost" not in daemon.log_text()
+    text = daemon.log_text()
+    assert lost_in_log(text) == expected_lost()
+    assert "outside a live update" in text
+    assert not journal.exists() or b"cache" not in journal.read_bytes()
     with daemon.open() as dev:
-        assert dev.get_state().lost_sessions == 0
+        assert dev.get_state().lost_sessions == len(SESSIONS)
+    assert list(daemon.state_dir.glob("lost-*-journal.dtb"))
     held.assert_intact()
+
+
+def test_clean_stop_leaves_no_journal(luod_factory: Callable[..., Luod], held: Held) -> None:
+    """SIGTERM releases the sessions on purpose: nothing to report later."""
+    daemon = luod_factory("--journal-interval", "0.05")
+    held.fill(daemon)
+    time.sleep(0.3)
+    assert (daemon.state_dir / "journal.dtb").exists()
+    assert daemon.stop() == 0
+    assert not (daemon.state_dir / "journal.dtb").exists()
+    cold_restart(daemon)
+    assert "session-lost" not in daemon.log_text()
 
 
 def test_failed_reboot_removes_its_intent(

@@ -30,13 +30,22 @@ from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.core.session import Owner, Session
 
-__all__ = ["FreezeHook", "freeze", "preserved_fds", "restore", "snapshot", "unfreeze"]
+__all__ = [
+    "FreezeHook",
+    "freeze",
+    "preserved_fds",
+    "restore",
+    "session_record",
+    "snapshot",
+    "unfreeze",
+]
 
 #: Called after each file's freeze (fault injection in tests, progress).
 FreezeHook = Callable[[PreservedFile], None]
 
 
-def _record(session: Session) -> SessionRecord:
+def session_record(session: Session) -> SessionRecord:
+    """The image record of one session (its files' data as last frozen)."""
     return SessionRecord(
         name=session.name,
         uid=session.owner.uid,
@@ -58,7 +67,7 @@ def snapshot(luo: Orchestrator, writer: str = "") -> HandoverImage:
     """
     return HandoverImage(
         liveupdate_number=luo.generation,
-        sessions=[_record(s) for s in handed_over_sessions(luo)],
+        sessions=[session_record(s) for s in handed_over_sessions(luo)],
         writer=writer,
     )
 

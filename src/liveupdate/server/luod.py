@@ -24,6 +24,7 @@ from liveupdate import paths
 from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import Limits, LuoState, Orchestrator
 from liveupdate.server import systemd
+from liveupdate.server.journal import Journal
 from liveupdate.server.logs import event, setup_logging
 from liveupdate.server.reboot import (
     Faults,
@@ -56,6 +57,8 @@ class Config:
     max_files: int = Limits.max_files
     log_format: str = "human"
     log_level: str = "info"
+    #: Seconds between two journal writes (0: no journal).
+    journal_interval: float = 1.0
     #: The next generation's command; empty: :func:`default_exec_argv`.
     exec_argv: list[str] = field(default_factory=list)
 
@@ -80,6 +83,7 @@ class Config:
             "--max-files", str(self.max_files),
             "--log-format", self.log_format,
             "--log-level", self.log_level,
+            "--journal-interval", str(self.journal_interval),
         ]  # fmt: skip
         if self.socket_group is not None:
             args += ["--socket-group", self.socket_group]
@@ -218,6 +222,8 @@ def run(config: Config, handover: Handover | None = None) -> int:
     )
     server.host = rebooter
     server.on_sighup = rebooter.retry_restore
+    journal = Journal(config.state_dir, config.journal_interval, f"luod {__version__}")
+    server.on_idle = lambda: journal.tick(server.luo)
     server.install_signal_handlers()
     event(
         "started",
@@ -237,6 +243,7 @@ def run(config: Config, handover: Handover | None = None) -> int:
         systemd.notify("STOPPING=1")
         server.close()
         server.luo.close()
+        journal.remove()
         if not activated:
             try:
                 os.unlink(config.socket_path)
@@ -308,6 +315,14 @@ def _write_pid(lock_fd: int) -> None:
     help="debug also logs every ioctl and every caller mistake.",
 )
 @click.option(
+    "--journal-interval",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between two writes of the journal (STATE_DIR/journal.dtb), which lets "
+    "the next start report what was lost if luod is killed; 0 disables it.",
+)
+@click.option(
     "--exec",
     "exec_path",
     default=None,
@@ -335,6 +350,7 @@ def main(
     max_files: int,
     log_format: str,
     log_level: str,
+    journal_interval: float,
     exec_path: str | None,
     check_image: str | None,
     handover: str | None,
@@ -365,6 +381,7 @@ def main(
         max_files=max_files,
         log_format=log_format,
         log_level=log_level,
+        journal_interval=journal_interval,
     )
     if check_image is not None:
         sys.exit(check_image_main(check_image, default_registry()))

@@ -310,17 +310,24 @@ def restore_from_image(
 
 
 def report_lost(state_dir: Path) -> int:
-    """At a cold start: a leftover image means the last holder died mid-reboot.
+    """At a cold start: what did the previous luod hold when it died?
 
-    Logs every session it described as lost, keeps the image renamed for
-    inspection, and returns how many sessions were lost.
+    A leftover handover image means it died during a live update; a leftover
+    journal, that it died outside one. Logs every session described as lost,
+    keeps the image renamed for inspection, and returns how many there were.
     """
+    journal = state_dir / "journal.dtb"
     path = state_dir / IMAGE_NAME
+    why = "the previous luod died during a live update"
     if not path.exists():
-        return 0
+        if not journal.exists():
+            return 0
+        path, why = journal, "the previous luod died (outside a live update)"
+    elif journal.exists():
+        journal.unlink()
     # Unique even for two reports in one second: never overwrite a report.
     stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
-    kept = state_dir / f"lost-{stamp}-{IMAGE_NAME}"
+    kept = state_dir / f"lost-{stamp}-{path.name}"
     os.link(path, kept)
     path.unlink()
     try:
@@ -336,7 +343,7 @@ def report_lost(state_dir: Path) -> int:
             files=len(session.files),
             tokens=",".join(f"{f.token:#x}" for f in session.files),
             generation=image.liveupdate_number,
-            why="the previous luod died during a live update",
+            why=why,
         )
     event(
         "lost-report",

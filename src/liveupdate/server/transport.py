@@ -100,6 +100,9 @@ class DeviceServer:
         self.host: Any = None
         #: What SIGHUP does (luod: retry a failed restore).
         self.on_sighup: Callable[[], None] | None = None
+        #: Called before each wait; returns the longest wait in seconds
+        #: (``None``: until an event). luod keeps its journal with it.
+        self.on_idle: Callable[[], float | None] | None = None
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
         self._stop = False
@@ -135,7 +138,8 @@ class DeviceServer:
     def serve_forever(self) -> None:
         """Serve until :meth:`stop` or a stop signal."""
         while not self._stop:
-            for key, mask in self.selector.select(timeout=None):
+            timeout = self.on_idle() if self.on_idle is not None else None
+            for key, mask in self.selector.select(timeout=timeout):
                 if key.fileobj is self.listener:
                     self._accept()
                 elif key.fileobj is self._wakeup_r:
