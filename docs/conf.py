@@ -35,6 +35,7 @@ version = release
 extensions = [
     "myst_parser",
     "luo_uapi",
+    "sphinx.ext.autodoc",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}

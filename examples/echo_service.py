@@ -66,7 +66,14 @@ def main() -> int:
                 except BlockingIOError:
                     continue
                 token, next_token = next_token, next_token + 1
-                svc.outgoing.preserve(conn, token)
+                try:
+                    svc.outgoing.preserve(conn, token)
+                except liveupdate.StaleGenerationError:
+                    # luod rebooted: our session is gone and the supervisor
+                    # is about to restart us. Stop accepting (new clients wait
+                    # in the backlog for our successor) and still serve this one.
+                    sel.unregister(listener)
+                    token = -token
                 conns[token] = conn
                 sel.register(conn, selectors.EVENT_READ, token)
                 continue
@@ -75,7 +82,11 @@ def main() -> int:
             data = conn.recv(65536, socket.MSG_PEEK)
             if not data:
                 sel.unregister(conn)
-                svc.outgoing.unpreserve(token)
+                if token > 0:  # negative: never preserved (see above)
+                    try:
+                        svc.outgoing.unpreserve(token)
+                    except liveupdate.StaleGenerationError:
+                        pass
                 conn.close()
                 del conns[token]
                 continue

@@ -112,16 +112,22 @@ def state(obj: Context) -> None:
     console.print(table)
 
 
+def _with_reason(dev: liveupdate.Device, exc: OSError) -> OSError:
+    """``exc`` with luod's explanation (GET_STATE's last_error) when it has one."""
+    try:
+        reason = dev.get_state().last_error
+    except OSError:
+        return exc  # luod is gone too: the original error says more
+    return type(exc)(exc.errno, reason) if reason else exc
+
+
 def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
     try:
         with obj.open() as dev:
             try:
                 generation = dev.set_event(event)
             except OSError as exc:
-                reason = dev.get_state().last_error
-                if reason:
-                    exc = type(exc)(exc.errno, reason)
-                raise exc from None
+                raise _with_reason(dev, exc) from None
     except OSError as exc:
         _fail(exc)
     obj.emit({"event": event.name.lower(), "generation": generation}, done)
@@ -168,8 +174,7 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
             try:
                 dev.set_event(uapi.LuodEvent.REBOOT, flags)
             except OSError as exc:
-                reason = dev.get_state().last_error
-                raise type(exc)(exc.errno, reason or exc.strerror) from None
+                raise _with_reason(dev, exc) from None
         new = _wait_generation(obj, old + 1, start + wait)
     except OSError as exc:
         _fail(exc)
@@ -298,8 +303,9 @@ def _is_supervisor(pid: int, name: str) -> bool:
 def update(obj: Context, name: str, wait: float) -> None:
     """Update the service that `luoctl run --session NAME` supervises.
 
-    Sends SIGHUP to its supervisor and returns once the session was handed
-    over to the restarted service.
+    Sends SIGHUP to its supervisor and returns once the supervisor has stopped
+    the service, handed the session over and re-acquired it (the new service
+    is started right after).
     """
     try:
         with obj.open() as dev:

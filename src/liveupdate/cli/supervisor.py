@@ -20,15 +20,19 @@ state never depends on the service process staying alive.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
-import selectors
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 import liveupdate
+from liveupdate import uapi, wire
 from liveupdate.client.service import (
     NEXT_SESSION_FD_ENV,
     SESSION_FD_ENV,
@@ -42,6 +46,44 @@ __all__ = ["Supervisor"]
 #: Restarts allowed within ``_RESTART_WINDOW`` seconds before giving up.
 _RESTART_BURST = 5
 _RESTART_WINDOW = 10.0
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL me when my parent (the supervisor) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+_BARRIER = wire.encode_request(uapi.LIVEUPDATE_SESSION_GET_NAME, b"\0\0\0")
+
+
+def _drain_replies(fd: int, timeout: float = 10.0) -> None:
+    """Send the barrier on session ``fd`` and read up to its EFAULT reply."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.settimeout(timeout)
+        wire.send_message(sock, _BARRIER)
+        while True:
+            msg = wire.recv_message(sock, wire.REPLY_HEADER.size + wire.MAX_ARG_LEN)
+            wire.close_fds(msg.fds)
+            if msg.length == 0:
+                return  # luod closed the session: nothing more will come
+            if msg.data == wire.encode_reply(-errno.EFAULT):
+                return
+    except OSError:
+        return  # a dead session: the caller finds out on its next call
+    finally:
+        sock.settimeout(None)  # the fd's file is shared: leave it blocking
+        sock.close()
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's return code as a shell reports it (128 + signal when killed)."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 def _say(message: str) -> None:
@@ -97,6 +139,12 @@ class Supervisor:
                 self.current = dev.create_session(self.name)
                 self.state = "outgoing"
                 self.next = None
+            except (liveupdate.InvalidArgumentError, liveupdate.AlreadyExistsError) as exc:
+                raise type(exc)(
+                    exc.errno,
+                    f"session {self.name!r} is held by another process "
+                    "(another `luoctl run`, or a service that outlived its supervisor)",
+                ) from None
         if self.keep_on_close:
             self.outgoing.keep_on_close()
         _say(f"session {self.name!r} {self.state}")
@@ -106,14 +154,41 @@ class Supervisor:
             listing = dev.list_sessions(self.name, files=False)
         return any(s["direction"] == "incoming" and s["finished"] for s in listing["sessions"])
 
+    def resync(self) -> None:
+        """Discard replies meant for the dead service on the shared session sockets.
+
+        The service may have died with a request in flight: luod's reply then
+        waits on the socket the supervisor shares, and would be taken for the
+        answer to the supervisor's next call. A malformed request (3 argument
+        bytes: always EFAULT, never sent by the library) is a barrier: every
+        reply before its EFAULT is the dead service's.
+        """
+        for session in (self.current, self.next):
+            if session is not None and not session.closed:
+                _drain_replies(session.fileno())
+
+    def _stale(self) -> bool:
+        """Whether luod rebooted under us (our session fds are dead: ENODEV)."""
+        try:
+            self.outgoing.get_name()
+        except liveupdate.StaleGenerationError:
+            return True
+        return False
+
     def hand_over(self) -> None:
         """The service has exited: hand its state to the next one.
 
-        If it had not taken its predecessor's state over yet (the incoming
-        session is not finished), nothing moves: the next service gets the
-        same sessions and retrieves again. Otherwise the outgoing session is
-        handed over and re-acquired as incoming.
+        If luod itself rebooted, the sessions are already incoming in its new
+        generation: just re-acquire them. If the service had not taken its
+        predecessor's state over yet (the incoming session is not finished),
+        nothing moves: the next service gets the same sessions and retrieves
+        again. Otherwise the outgoing session is handed over and re-acquired.
         """
+        if self._stale():
+            _say("luod rebooted: re-acquiring the session from its new generation")
+            self.release()
+            self.acquire()
+            return
         if self.state == "incoming" and self.current is not None:
             if not self._incoming_finished():
                 _say("the service had not taken its state over: it gets the same sessions")
@@ -143,7 +218,11 @@ class Supervisor:
         if self.next is not None:
             env[NEXT_SESSION_FD_ENV] = str(self.next.fileno())
             pass_fds.append(self.next.fileno())
-        self.proc = subprocess.Popen(self.argv, env=env, pass_fds=pass_fds)
+        # The service dies with its supervisor: otherwise an orphan would keep
+        # the session fds open and a new supervisor could not take over.
+        self.proc = subprocess.Popen(
+            self.argv, env=env, pass_fds=pass_fds, preexec_fn=_die_with_parent
+        )
         _say(f"started pid {self.proc.pid} ({self.state})")
 
     def stop_service(self, sig: int) -> int:
@@ -190,23 +269,34 @@ class Supervisor:
             os.close(wake_w)
             self.release()
 
+    def _wait(self, wake_r: int) -> None:
+        """Sleep until the service exits, a signal arrives or luod goes away."""
+        assert self.proc is not None
+        pidfd = os.pidfd_open(self.proc.pid)
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
+        # The service shares the session sockets, so their replies make them
+        # readable: watch for the hang-up alone (luod closed its end: it
+        # rebooted), which is then handled like an update.
+        session_fd = self.outgoing.fileno()
+        poller.register(session_fd, _POLLRDHUP)
+        try:
+            while self.proc.poll() is None and not self._update and self._stop_signal is None:
+                for fd, events in poller.poll():
+                    if fd == session_fd and events & (_POLLRDHUP | select.POLLHUP):
+                        self._update = True
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+        finally:
+            os.close(pidfd)
+
     def _loop(self, wake_r: int) -> int:
-        selector = selectors.DefaultSelector()
-        selector.register(wake_r, selectors.EVENT_READ)
         while True:
             assert self.proc is not None
-            pidfd = os.pidfd_open(self.proc.pid)
-            selector.register(pidfd, selectors.EVENT_READ)
-            try:
-                while self.proc.poll() is None and not self._update and self._stop_signal is None:
-                    selector.select()
-                    try:
-                        os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
-            finally:
-                selector.unregister(pidfd)
-                os.close(pidfd)
+            self._wait(wake_r)
             if self._stop_signal is not None:
                 rc = self.stop_service(self._stop_signal)
                 _say(f"stopped ({signal.Signals(self._stop_signal).name}), service exit {rc}")
@@ -215,16 +305,18 @@ class Supervisor:
                 self._update = False
                 rc = self.stop_service(self.stop_signal)
                 _say(f"update: service exit {rc}; handing session {self.name!r} over")
+                self.resync()
                 self.hand_over()
                 self.spawn()
                 continue
             rc = self.proc.returncode
             if rc == 0 or self.restart == "no":
                 _say(f"service exited {rc}")
-                return rc
+                return _exit_status(rc)
             if not self._may_restart():
                 _say(f"service crashed {rc}; too many restarts, giving up")
-                return rc if rc > 0 else 128 - rc
+                return _exit_status(rc)
             _say(f"service crashed ({rc}); restarting it with its state")
+            self.resync()
             self.hand_over()
             self.spawn()

@@ -184,7 +184,8 @@ class Session(_FdObject):
         arg = uapi.liveupdate_session_finish(size=ctypes.sizeof(uapi.liveupdate_session_finish))
         self.ioctl(uapi.LIVEUPDATE_SESSION_FINISH, arg)
 
-    # -- luod extensions (a kernel answers NotSupportedError) --------------------
+    # -- luod extensions (Linux answers EINVAL for them, luod's own
+    # unknown numbers are ENOTTY: catch both as "not supported") -----------------
 
     def update(self) -> None:
         """LUOD_SESSION_UPDATE: hand this outgoing session to a successor.
@@ -268,7 +269,7 @@ class Device(_FdObject):
         return Session(fd, self.transport, _name_bytes(name), uapi.SessionDirection.INCOMING)
 
     def get_state(self) -> StateInfo:
-        """LUOD_IOCTL_GET_STATE (luod only; a kernel answers NotSupportedError)."""
+        """LUOD_IOCTL_GET_STATE (luod only: Linux answers EINVAL, InvalidArgumentError)."""
         arg = uapi.luod_get_state(size=ctypes.sizeof(uapi.luod_get_state))
         self.ioctl(uapi.LUOD_IOCTL_GET_STATE, arg)
         return StateInfo(

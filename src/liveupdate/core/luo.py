@@ -247,9 +247,12 @@ def describe_session(session: Session, with_files: bool) -> dict[str, Any]:
         "keep_on_close": bool(session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE),
         "retrieved": session.retrieved,
         "finished": session.finished,
-        "nfiles": len(session.files),
+        # A finished session's files were released (or belong to its caller).
+        "nfiles": 0 if session.finished else len(session.files),
     }
-    if with_files:
+    if with_files and session.finished:
+        desc["files"] = []
+    elif with_files:
         files = []
         for file in session.files.values():
             entry: dict[str, Any] = {"token": file.token, "handler": file.handler.compatible}

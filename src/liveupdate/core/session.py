@@ -299,6 +299,8 @@ def _update(call: SessionCall, arg: ctypes.Structure) -> None:
 
 def _set_flags(call: SessionCall, arg: ctypes.Structure) -> None:
     assert isinstance(arg, uapi.luod_session_set_flags)
+    if not may_access(call.session, call.caller):
+        raise OSError(errno.EACCES, "only the session's owner or root may change its flags")
     if arg.flags & ~uapi.LUOD_SESSION_FLAGS:
         raise OSError(errno.EOPNOTSUPP, f"unknown session flags {arg.flags:#x}")
     arg.old_flags = call.session.flags

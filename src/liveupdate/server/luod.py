@@ -12,6 +12,7 @@ import fcntl
 import grp
 import os
 import resource
+import shutil
 import socket
 import stat
 import sys
@@ -57,6 +58,8 @@ class Config:
     max_files: int = Limits.max_files
     log_format: str = "human"
     log_level: str = "info"
+    #: The listener came from systemd (kept across re-execs: never unlink it).
+    socket_activated: bool = False
     #: Seconds between two journal writes (0: no journal).
     journal_interval: float = 1.0
     #: The next generation's command; empty: :func:`default_exec_argv`.
@@ -89,6 +92,8 @@ class Config:
             args += ["--socket-group", self.socket_group]
         if self.exec_argv:
             args += ["--exec", self.exec_argv[0]]
+        if self.socket_activated:
+            args.append("--socket-activated")
         return args
 
 
@@ -105,6 +110,16 @@ def _gid(group: str) -> int:
         return int(group)
     except ValueError:
         return grp.getgrnam(group).gr_gid
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a directory another user could plant a socket or an image in."""
+    st = os.stat(path)
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise StartupError(
+            f"{path} is owned by uid {st.st_uid} or writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it"
+        )
 
 
 def acquire_lock(state_dir: str) -> int:
@@ -189,13 +204,14 @@ def run(config: Config, handover: Handover | None = None) -> int:
     faults = Faults()
     registry = default_registry()
     state_dir = Path(config.state_dir)
-    activated: list[int] = []
     lost = 0
     if handover is None:
-        os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
-        os.makedirs(Path(config.socket_path).parent, mode=0o755, exist_ok=True)
+        for directory in (config.state_dir, str(Path(config.socket_path).parent)):
+            os.makedirs(directory, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+            check_private_dir(directory)
         lock_fd = acquire_lock(config.state_dir)
         activated = systemd.listen_fds()
+        config.socket_activated = bool(activated)
         listener = socket.socket(fileno=activated[0]) if activated else bind_listener(config)
         lost = report_lost(state_dir)
         luo = Orchestrator(registry, config.limits)
@@ -231,8 +247,8 @@ def run(config: Config, handover: Handover | None = None) -> int:
         socket=config.socket_path,
         generation=luo.generation,
         nofile=hard,
-        activated=bool(activated),
-        restored=handover is not None,
+        activated=config.socket_activated,
+        restored=handover is not None and luo.restore_error is None,
     )
     # The line operators (and tests) wait for: the socket listens now.
     event("serving", socket=config.socket_path, generation=luo.generation)
@@ -244,7 +260,7 @@ def run(config: Config, handover: Handover | None = None) -> int:
         server.close()
         server.luo.close()
         journal.remove()
-        if not activated:
+        if not config.socket_activated:  # systemd's socket is systemd's to remove
             try:
                 os.unlink(config.socket_path)
             except FileNotFoundError:
@@ -337,6 +353,7 @@ def _write_pid(lock_fd: int) -> None:
     help="Check mode: exit 0 if this version can restore the handover IMAGE, else say why.",
 )
 @click.option("--handover", default=None, hidden=True)
+@click.option("--socket-activated", is_flag=True, hidden=True)
 @click.option("--listen-fd", type=int, default=None, hidden=True)
 @click.option("--lock-fd", type=int, default=None, hidden=True)
 @click.version_option(__version__, prog_name="luod")
@@ -354,6 +371,7 @@ def main(
     exec_path: str | None,
     check_image: str | None,
     handover: str | None,
+    socket_activated: bool,
     listen_fd: int | None,
     lock_fd: int | None,
 ) -> None:
@@ -385,7 +403,14 @@ def main(
     )
     if check_image is not None:
         sys.exit(check_image_main(check_image, default_registry()))
-    config.exec_argv = [exec_path] if exec_path else []
+    if exec_path:
+        # execv does not search PATH (the pre-flight's subprocess would):
+        # resolve now, so both run the same file.
+        resolved = shutil.which(exec_path)
+        if resolved is None:
+            raise click.BadParameter(f"{exec_path!r} is not an executable", param_hint="--exec")
+        config.exec_argv = [os.path.abspath(resolved)]
+    config.socket_activated = socket_activated
     setup_logging(log_format, log_level)
     inherited = None
     if handover is not None:

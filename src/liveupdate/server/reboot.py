@@ -139,6 +139,8 @@ class Rebooter:
         self.lock_fd = lock_fd
         self.faults = faults or Faults()
         self.started_at = 0.0
+        #: Who writes the images (``luoctl inspect`` shows it).
+        self.writer = f"luod pid {os.getpid()}"
         #: A generation kept alive only to hold its fds (failed in-process restore).
         self.held: Orchestrator | None = None
 
@@ -149,6 +151,7 @@ class Rebooter:
     # -- RebootHost ------------------------------------------------------------
 
     def preflight(self, image: HandoverImage) -> None:
+        image.writer = self.writer
         path = self.state_dir / f".preflight.{os.getpid()}.dtb"
         write_atomic(path, encode_image(image))
         argv = [*self.exec_argv, "--check-image", str(path)]
@@ -168,6 +171,7 @@ class Rebooter:
     def begin_reboot(self, intent: HandoverImage) -> None:
         self.started_at = time.monotonic()
         event("reboot-started", generation=intent.liveupdate_number, sessions=len(intent.sessions))
+        intent.writer = self.writer
         write_atomic(self.image_path, encode_image(intent))
 
     def freeze_hook(self, file: PreservedFile) -> None:
@@ -179,6 +183,7 @@ class Rebooter:
         event("reboot-aborted", logging.WARNING)
 
     def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
+        image.writer = self.writer
         write_atomic(self.image_path, encode_image(image))
         self.faults.point("after-image")
         self.server.deferred.append(lambda: self._next_generation(image, no_exec))
