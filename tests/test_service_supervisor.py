@@ -71,10 +71,14 @@ class Service:
         return int(self.port_file.read_text())
 
     def service_pid(self) -> int:
-        """The echo service's pid (the supervisor's child)."""
+        """The echo service's pid (the supervisor's child; waits while it has none)."""
         assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        return int(children.split()[0])
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while not (pids := children.read_text().split()):
+            assert time.monotonic() < deadline, "the supervisor has no service"
+            time.sleep(0.01)
+        return int(pids[0])
 
     def kill_all(self) -> None:
         assert self.proc is not None

@@ -356,7 +356,7 @@ LUOD_REBOOT_NO_EXEC: Final = 1 << 0
 #: Every flag bit this implementation knows.
 LUOD_SET_EVENT_FLAGS: Final = LUOD_REBOOT_NO_EXEC
 #: Size of ``luod_get_state.last_error``.
-LUOD_ERROR_LENGTH: Final = 128
+LUOD_ERROR_LENGTH: Final = 256
 
 
 class luod_get_state(ctypes.Structure):

@@ -377,6 +377,22 @@ def sessions(obj: Context, name: str | None) -> None:
     console.print(table)
 
 
+def _decoded(compatible: str, data: bytes) -> dict[str, Any] | None:
+    from liveupdate.core.handlers import describe_data
+
+    try:
+        return describe_data(compatible, data)
+    except ValueError:
+        return None
+
+
+def _data_text(compatible: str, data: bytes) -> str:
+    decoded = _decoded(compatible, data)
+    if decoded is not None:
+        return " ".join(f"{k}={v}" for k, v in decoded.items())
+    return data.hex() if len(data) <= 32 else f"{len(data)} bytes"
+
+
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_obj
@@ -392,6 +408,10 @@ def inspect(obj: Context, image: Path) -> None:
         err_console.print(f"[red]luoctl:[/red] {image}: {exc}", highlight=False)
         sys.exit(1)
     data = image_to_dict(decoded)
+    # Each handler decodes its own freeze state (what it recorded at the reboot).
+    for session_dict, session in zip(data["sessions"], decoded.sessions, strict=True):
+        for file_dict, file in zip(session_dict["files"], session.files, strict=True):
+            file_dict["decoded"] = _decoded(file.compatible, file.data)
     if obj.json:
         click.echo(json.dumps(data, sort_keys=True, indent=2))
         return
@@ -416,7 +436,7 @@ def inspect(obj: Context, image: Path) -> None:
                 f"{file.token:#x}",
                 file.compatible,
                 str(file.fd),
-                file.data.hex() if len(file.data) <= 32 else f"{len(file.data)} bytes",
+                _data_text(file.compatible, file.data),
             )
     console.print(table)
 

@@ -65,6 +65,9 @@ class PreservedFile:
     state: dict[str, Any] = field(default_factory=dict)
     retrieved: bool = False
     retrieve_errno: int = 0
+    #: The session holding it (a ``Session``; typed loosely to keep this
+    #: module free of the session concept).
+    session: Any = None
 
     def release(self) -> None:
         """Drop the orchestrator's reference (idempotent)."""
@@ -89,6 +92,15 @@ class FileHandler(ABC):
     @abstractmethod
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         """Whether this handler takes the open file ``fd`` (already fstat'ed)."""
+
+    def file_key(self, fd: int, st: os.stat_result) -> FileKey:
+        """The identity of the file for the "already preserved" check.
+
+        The default is the inode (plus the access mode of a pipe end). A kind
+        of file whose instances share one inode (every eventfd, every PTY
+        master) overrides it with something that tells them apart.
+        """
+        return file_key(fd, st)
 
     def preserve(self, file: PreservedFile) -> None:
         """The file joins an outgoing session."""

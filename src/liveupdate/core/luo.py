@@ -106,6 +106,9 @@ class Orchestrator:
         self.last_error = ""
         #: Sessions reported lost at start because the previous holder died.
         self.lost_sessions = 0
+        #: The transport's check "has this session's fd been closed? then
+        #: release it now" (see :meth:`released_meanwhile`).
+        self.reap: Callable[[Session], bool] | None = None
 
     # -- state -----------------------------------------------------------
 
@@ -129,6 +132,16 @@ class Orchestrator:
 
     # -- device operations -------------------------------------------------
 
+    def released_meanwhile(self, session: Session) -> bool:
+        """Whether ``session``'s fd turns out to be closed already; if so it is
+        released now, and the conflict it caused is gone.
+
+        A close travels asynchronously over a socket, while Linux's close is
+        synchronous: before answering EEXIST, EBUSY or EINVAL because of a
+        session, the core asks the transport (:attr:`reap`) to check.
+        """
+        return self.reap is not None and self.reap(session)
+
     def check_open(self) -> None:
         """Whether the device may be opened at all in this generation (``EIO``)."""
         if self.restore_error is not None:
@@ -137,8 +150,12 @@ class Orchestrator:
     def create_session(self, name: bytes, owner: Owner) -> Session:
         """A new outgoing session; checks: name, limit (``ENOMEM``), ``EEXIST``."""
         if len(self.outgoing) >= self.limits.max_sessions:
-            raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
-        if name in self.outgoing:
+            for session in list(self.outgoing.values()):
+                self.released_meanwhile(session)
+            if len(self.outgoing) >= self.limits.max_sessions:
+                raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
+        existing = self.outgoing.get(name)
+        if existing is not None and not self.released_meanwhile(existing):
             raise OSError(errno.EEXIST, "an outgoing session already has this name")
         session = Session(name, Direction.OUTGOING, owner)
         self.outgoing[name] = session
@@ -152,6 +169,8 @@ class Orchestrator:
             raise OSError(errno.ENOENT, "no incoming session has this name")
         if not may_access(session, owner):
             raise OSError(errno.EACCES, "this session belongs to another user")
+        if session.retrieved and self.released_meanwhile(session):
+            raise OSError(errno.ENOENT, "no incoming session has this name")
         if session.retrieved:
             raise OSError(errno.EINVAL, "this session was already retrieved")
         session.retrieved = True

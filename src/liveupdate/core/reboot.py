@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 
 from liveupdate import uapi
-from liveupdate.core.file import HandlerRegistry, PreservedFile, file_key
+from liveupdate.core.file import HandlerRegistry, PreservedFile
 from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.core.session import Owner, Session
@@ -165,7 +165,9 @@ def restore(
                     f"session {session.display_name!r} token {rec.token:#x}: "
                     f"inherited fd {rec.fd} is not open",
                 ) from None
-            file = PreservedFile(rec.token, handler, rec.fd, file_key(rec.fd, st), rec.data)
+            file = PreservedFile(
+                rec.token, handler, rec.fd, handler.file_key(rec.fd, st), rec.data, session=session
+            )
             try:
                 handler.restore(file)
             except OSError as exc:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from liveupdate import uapi
-from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile, file_key
+from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile
 from liveupdate.dispatch import IoctlOp
 
 if TYPE_CHECKING:
@@ -147,10 +147,17 @@ def preserve_file(
     fd, st = _usable_fd(fds_in)
     registry: HandlerRegistry = luo.registry
     handler = registry.find(fd, st)
-    key: FileKey = file_key(fd, st)
+    key: FileKey = handler.file_key(fd, st)
+    holder = luo.preserved.get(key)
+    # A session whose fd was closed a moment ago may not be released yet
+    # (closing is asynchronous over a socket): check before refusing.
+    if holder is not None and not (
+        holder.session is not None and luo.released_meanwhile(holder.session)
+    ):
+        raise OSError(errno.EBUSY, "this file is already preserved")
     if key in luo.preserved:
         raise OSError(errno.EBUSY, "this file is already preserved")
-    file = PreservedFile(token, handler, fd, key)
+    file = PreservedFile(token, handler, fd, key, session=session)
     handler.preserve(file)
     fds_in.remove(fd)
     session.files[token] = file
@@ -283,6 +290,9 @@ def _get_name(call: SessionCall, arg: ctypes.Structure) -> None:
     assert isinstance(arg, uapi.liveupdate_session_get_name)
     if arg.reserved:
         raise OSError(errno.EINVAL, "reserved must be 0")
+    # @name is output only: whatever the caller's buffer held is overwritten,
+    # so the reply is always NUL-terminated.
+    ctypes.memset(arg.name, 0, ctypes.sizeof(arg.name))
     ctypes.memmove(arg.name, call.session.name, len(call.session.name))
 
 

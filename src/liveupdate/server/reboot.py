@@ -265,6 +265,7 @@ class Rebooter:
             new.restore_error = str(exc)
             event("restore-failed", logging.ERROR, reason=str(exc), exec=False)
         new.on_state_change = old.on_state_change
+        new.reap = old.reap
         self.server.luo = new
         if new.on_state_change is not None:
             new.on_state_change(new.state)

@@ -90,6 +90,7 @@ class DeviceServer:
 
     def __init__(self, luo: Orchestrator, listener: socket.socket) -> None:
         self.luo = luo
+        luo.reap = self.reap
         self.listener = listener
         listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -237,6 +238,16 @@ class DeviceServer:
         self._register(ep)
         return theirs.detach()
 
+    def reap(self, session: Session) -> bool:
+        """Release ``session`` now if its client already closed its fd."""
+        ep = session.endpoint
+        if not isinstance(ep, Endpoint) or ep.closed or not hung_up(ep.sock):
+            return False
+        # Requests it left unanswered cannot be answered any more: the close
+        # is what counts, as it would be for a kernel's synchronous close().
+        self._close(ep)
+        return True
+
     # -- serving --------------------------------------------------------------
 
     def _register(self, ep: Endpoint) -> None:
@@ -259,7 +270,8 @@ class DeviceServer:
             except OSError:
                 self._close(ep)
                 return
-            if msg.length == 0 and not msg.fds:
+            if msg.length == 0:
+                wire.close_fds(msg.fds)
                 self._close(ep)  # EOF, or a zero-length message: both mean close
                 return
             try:
