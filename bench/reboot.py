@@ -36,7 +36,7 @@ FLOOR_CHILD = "import os, sys; os.write(int(sys.argv[1]), b'r')"
 
 
 def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

@@ -149,6 +149,8 @@ class Orchestrator:
 
     def create_session(self, name: bytes, owner: Owner) -> Session:
         """A new outgoing session; checks: name, limit (``ENOMEM``), ``EEXIST``."""
+        if self.state == LuoState.FROZEN:
+            raise OSError(errno.EBUSY, "a live update is in progress")
         if len(self.outgoing) >= self.limits.max_sessions:
             for session in list(self.outgoing.values()):
                 self.released_meanwhile(session)

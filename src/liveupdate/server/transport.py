@@ -257,7 +257,9 @@ class DeviceServer:
 
     def _serve(self, ep: Endpoint) -> None:
         """Answer the messages waiting on ``ep``, one reply each."""
-        while not ep.closed and not ep.pending:
+        # Once work is deferred (an accepted REBOOT), nothing more is read:
+        # the next request belongs to the next generation.
+        while not ep.closed and not ep.pending and not self.deferred:
             try:
                 msg = wire.recv_message(
                     ep.sock,
