@@ -172,8 +172,24 @@ class DeviceServer:
         while the files stay held by the orchestrator for the next one.
         """
         for ep in list(self.endpoints):
+            self._discard_input(ep)
             self._drop(ep)
         self.device = None
+
+    def _discard_input(self, ep: Endpoint) -> None:
+        """Read away requests nobody will answer, so the close is a clean EOF.
+
+        Closing a Unix socket with unread data resets the peer, which may then
+        lose the replies already sent to it (the REBOOT's own reply above all).
+        """
+        for _ in range(1024):
+            try:
+                msg = wire.recv_message(ep.sock, _RECV_BUF, flags=socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            wire.close_fds(msg.fds)
+            if msg.length == 0:
+                return
 
     def close(self) -> None:
         """Tear down the loop (the listening socket is the caller's)."""
