@@ -114,8 +114,12 @@ class SessionCall:
 
 
 def may_access(session: Session, caller: Owner | None) -> bool:
-    """Owner checks: root and the session's creator may use it, nobody else."""
-    return caller is None or caller.uid == 0 or caller.uid == session.owner.uid
+    """Owner checks: root and the session's creator may use it, nobody else.
+
+    An unknown caller (no credentials came with the call) is refused: the
+    check fails closed.
+    """
+    return caller is not None and (caller.uid == 0 or caller.uid == session.owner.uid)
 
 
 def _usable_fd(fds_in: list[int]) -> tuple[int, os.stat_result]:
