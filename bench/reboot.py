@@ -44,7 +44,7 @@ def start_luod(state: Path, max_files: int) -> subprocess.Popen[bytes]:
     log = open(state / "luod.log", "wb")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "liveupdate.server.luod", "--socket", str(state / "device"),
-         "--max-files", str(max_files), "--max-sessions", "4096", "--log-level", "warning"],
+         "--max-files", str(max_files), "--max-sessions", "4096"],
         stdout=log,
         stderr=log,
     )  # fmt: skip
@@ -130,14 +130,13 @@ def measure(label: str, sessions: int, files: int, repeat: int) -> dict[str, flo
         nfds = sessions * files
         prepared, cold = [], []
         for _ in range(repeat):
-            prepared.append(reboot_once(str(state / "device"), prepared=True))
-            finish_incoming(str(state / "device"))
-            cold.append(reboot_once(str(state / "device"), prepared=False))
-            finish_incoming(str(state / "device"))
-            # The reboot closed the old session fds: recreate the sessions.
-            for session in held:
-                session.close()
-            held = populate(str(state / "device"), sessions, files)
+            for timings, was_prepared in ((prepared, True), (cold, False)):
+                timings.append(reboot_once(str(state / "device"), prepared=was_prepared))
+                finish_incoming(str(state / "device"))
+                # The reboot closed the old session fds: recreate the sessions.
+                for session in held:
+                    session.close()
+                held = populate(str(state / "device"), sessions, files)
         floor = [floor_once(nfds) for _ in range(repeat)]
         for session in held:
             session.close()

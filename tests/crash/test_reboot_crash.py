@@ -229,7 +229,9 @@ def assert_reported_lost(daemon: Luod, held: Held) -> Path:
     assert (daemon.state_dir / "state").read_text() == "normal\n"
     # (d) the image is kept under a new name and luoctl inspect lists it
     assert not (daemon.state_dir / "handover.dtb").exists()
-    kept = sorted(daemon.state_dir.glob("lost-*-handover.dtb"))
+    assert not (daemon.state_dir / "journal.dtb").exists()
+    assert not (daemon.state_dir / "reboot-in-progress").exists()
+    kept = sorted(daemon.state_dir.glob("lost-*.dtb"))
     assert len(kept) == 1
     assert str(kept[0]) in log  # the report says where to look
     return kept[0]
@@ -270,8 +272,12 @@ def test_sigkill_during_reboot_is_reported(
     result = crash_during_reboot(daemon, step)
     assert result.returncode == 1, result
     assert "luoctl:" in result.stderr
-    # What the dead daemon left: its image (intent or final) and its socket file.
-    assert (daemon.state_dir / "handover.dtb").exists()
+    # What the dead daemon left: the marker of a reboot under way, a record of
+    # what it held (before the freeze finished, the journal it brought up to
+    # date at the start of the reboot; after it, the frozen image) and its socket.
+    assert (daemon.state_dir / "reboot-in-progress").exists()
+    record = "journal.dtb" if step == "freeze" else "handover.dtb"
+    assert (daemon.state_dir / record).exists()
     assert Path(daemon.socket).exists()
     # The old generation's session fds are dead, and say so.
     with pytest.raises(liveupdate.StaleGenerationError):

@@ -57,8 +57,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final
 
-import fdt
-
 __all__ = [
     "IMAGE_COMPATIBLE",
     "IMAGE_VERSION",
@@ -367,6 +365,14 @@ def _image_problem(image: HandoverImage) -> str | None:
 # --------------------------------------------------------------------------
 
 
+def _fdt() -> Any:
+    """The ``fdt`` library, imported on first use: a restoring luod only reads
+    images (with the parser below) and need not pay for importing it."""
+    import fdt
+
+    return fdt
+
+
 def _prop(name: str, value: bytes) -> Any:
     """Build an ``fdt`` property holding exactly ``value``.
 
@@ -375,7 +381,7 @@ def _prop(name: str, value: bytes) -> Any:
     would only add a per-word cost. ``dtc`` chooses how to print a property
     from its bytes, not from how it was built.
     """
-    return fdt.PropBytes(name, data=value)
+    return _fdt().PropBytes(name, data=value)
 
 
 def _cstr(value: bytes) -> bytes:
@@ -424,6 +430,7 @@ def encode_image(image: HandoverImage) -> bytes:
         for record in session.files:
             handlers.setdefault(record.compatible, len(handlers))
 
+    fdt = _fdt()
     tree = fdt.FDT()
     tree.header.version = _FDT_VERSION
     root = tree.root
@@ -806,6 +813,7 @@ def _fdt_raw_value(prop: Any) -> bytes:
     The library guesses a type per property (strings, 32-bit words, bytes or
     empty); each guess is lossless, so the raw value can be rebuilt.
     """
+    fdt = _fdt()
     if isinstance(prop, fdt.PropStrings):
         return b"".join(_cstr(s.encode("ascii")) for s in prop.data)
     if isinstance(prop, fdt.PropWords):
@@ -823,7 +831,7 @@ def _cross_check(data: bytes, root: _Node) -> None:
     thing the daemon acts on.
     """
     try:
-        tree = fdt.parse_dtb(data)
+        tree = _fdt().parse_dtb(data)
     except Exception as exc:  # the library raises bare Exception, AssertionError, ...
         raise _corrupt(f"the fdt library cannot parse the image: {exc!r}") from exc
     pending: list[tuple[Any, _Node]] = [(tree.root, root)]

@@ -23,8 +23,8 @@ from pathlib import Path
 from liveupdate.core.handover import HandoverImage, SessionRecord, encode_image
 from liveupdate.core.luo import Orchestrator
 from liveupdate.core.reboot import session_record
+from liveupdate.server.files import write_atomic
 from liveupdate.server.logs import event
-from liveupdate.server.reboot import write_atomic
 
 __all__ = ["JOURNAL_NAME", "Journal"]
 
@@ -39,7 +39,14 @@ class Journal:
         self.interval = interval
         self.writer = writer
         self._seen: tuple[int, int] | None = None
-        self._last_write = 0.0
+        # The first write waits one interval: right after a start or a live
+        # update the handover image (or nothing) already describes the state,
+        # and the first clients should not wait for an encode.
+        self._last_write = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
 
     def _records(self, luo: Orchestrator) -> list[SessionRecord]:
         held = [*luo.outgoing.values(), *(s for s in luo.incoming.values() if not s.finished)]
@@ -47,14 +54,19 @@ class Journal:
 
     def tick(self, luo: Orchestrator) -> float | None:
         """Write the journal if it is due; return seconds until the next check."""
-        if self.interval <= 0:
-            return None
-        mark = (id(luo), luo.mutations)
-        if mark == self._seen:
+        if not self.enabled or (id(luo), luo.mutations) == self._seen:
             return None
         wait = self._last_write + self.interval - time.monotonic()
         if wait > 0:
             return wait
+        self.flush(luo)
+        return None
+
+    def flush(self, luo: Orchestrator) -> None:
+        """Bring the journal up to date now (nothing to do when it already is)."""
+        mark = (id(luo), luo.mutations)
+        if not self.enabled or mark == self._seen:
+            return
         self._seen = mark
         self._last_write = time.monotonic()
         records = self._records(luo)
@@ -66,7 +78,6 @@ class Journal:
                 self.path.unlink(missing_ok=True)
         except (OSError, ValueError) as exc:
             event("journal-failed", logging.WARNING, path=str(self.path), error=str(exc))
-        return None
 
     def remove(self) -> None:
         """A clean stop: the sessions were released on purpose."""

@@ -226,6 +226,7 @@ def run(config: Config, handover: Handover | None = None) -> int:
     luo.on_state_change = lambda state: write_state_file(config.state_file, state)
     write_state_file(config.state_file, luo.state)
     server = DeviceServer(luo, listener)
+    journal = Journal(config.state_dir, config.journal_interval, f"luod {__version__}")
     rebooter = Rebooter(
         server,
         registry,
@@ -235,10 +236,10 @@ def run(config: Config, handover: Handover | None = None) -> int:
         config.to_args(),
         lock_fd,
         faults,
+        journal,
     )
     server.host = rebooter
     server.on_sighup = rebooter.retry_restore
-    journal = Journal(config.state_dir, config.journal_interval, f"luod {__version__}")
     server.on_idle = lambda: journal.tick(server.luo)
     server.install_signal_handlers()
     event(

@@ -42,30 +42,20 @@ from liveupdate.core.file import HandlerRegistry, PreservedFile
 from liveupdate.core.handover import HandoverError, HandoverImage, decode_image, encode_image
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.server import systemd
+from liveupdate.server.files import write_atomic
+from liveupdate.server.journal import JOURNAL_NAME, Journal
 from liveupdate.server.logs import event
 
 if TYPE_CHECKING:
     from liveupdate.server.transport import DeviceServer
 
-__all__ = ["FAULT_ENV", "Faults", "Rebooter", "write_atomic"]
+__all__ = ["FAULT_ENV", "Faults", "Rebooter"]
 
 FAULT_ENV = "LUOD_FAULT_FILE"
 IMAGE_NAME = "handover.dtb"
+#: Present from the start of a reboot until the next generation restored.
+MARKER_NAME = "reboot-in-progress"
 LAST_IMAGE_NAME = "last-handover.dtb"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class Faults:
@@ -129,6 +119,7 @@ class Rebooter:
         daemon_args: Sequence[str],
         lock_fd: int,
         faults: Faults | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.server = server
         self.registry = registry
@@ -138,6 +129,7 @@ class Rebooter:
         self.daemon_args = list(daemon_args)
         self.lock_fd = lock_fd
         self.faults = faults or Faults()
+        self.journal = journal
         self.started_at = 0.0
         #: Who writes the images (``luoctl inspect`` shows it).
         self.writer = f"luod pid {os.getpid()}"
@@ -168,11 +160,22 @@ class Rebooter:
             raise OSError(errno.EIO, reason)
         event("preflight-passed", sessions=len(image.sessions))
 
+    @property
+    def marker_path(self) -> Path:
+        return self.state_dir / MARKER_NAME
+
     def begin_reboot(self, intent: HandoverImage) -> None:
         self.started_at = time.monotonic()
         event("reboot-started", generation=intent.liveupdate_number, sessions=len(intent.sessions))
-        intent.writer = self.writer
-        write_atomic(self.image_path, encode_image(intent))
+        # The intent: what a crash from here on would lose. The journal says
+        # it (brought up to date: usually nothing to write) plus a marker
+        # saying a reboot began; without a journal, an image of the intent.
+        if self.journal is not None and self.journal.enabled:
+            self.journal.flush(self.server.luo)
+        else:
+            intent.writer = self.writer
+            write_atomic(self.image_path, encode_image(intent))
+        write_atomic(self.marker_path, f"{intent.liveupdate_number}\n".encode())
 
     def freeze_hook(self, file: PreservedFile) -> None:
         self.faults.freeze(file)
@@ -180,6 +183,7 @@ class Rebooter:
 
     def abort_reboot(self) -> None:
         self.image_path.unlink(missing_ok=True)
+        self.marker_path.unlink(missing_ok=True)
         event("reboot-aborted", logging.WARNING)
 
     def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
@@ -273,6 +277,7 @@ class Rebooter:
             # A failed restore keeps the image: SIGHUP retries from it, and a
             # crash of this generation is still reported at the next start.
             self.image_path.replace(self.state_dir / LAST_IMAGE_NAME)
+            self.marker_path.unlink(missing_ok=True)
         elapsed = time.monotonic() - self.started_at
         event(
             "reboot-complete",
@@ -306,6 +311,7 @@ def restore_from_image(
         event("restore-failed", logging.ERROR, image=str(path), reason=reason)
         return luo
     path.replace(path.with_name(LAST_IMAGE_NAME))
+    (path.parent / MARKER_NAME).unlink(missing_ok=True)
     event(
         "restored",
         generation=luo.generation,
@@ -322,15 +328,20 @@ def report_lost(state_dir: Path) -> int:
     journal, that it died outside one. Logs every session described as lost,
     keeps the image renamed for inspection, and returns how many there were.
     """
-    journal = state_dir / "journal.dtb"
+    journal = state_dir / JOURNAL_NAME
+    marker = state_dir / MARKER_NAME
     path = state_dir / IMAGE_NAME
     why = "the previous luod died during a live update"
-    if not path.exists():
-        if not journal.exists():
-            return 0
-        path, why = journal, "the previous luod died (outside a live update)"
+    if path.exists():
+        journal.unlink(missing_ok=True)
     elif journal.exists():
-        journal.unlink()
+        path = journal
+        if not marker.exists():
+            why = "the previous luod died (outside a live update)"
+    else:
+        marker.unlink(missing_ok=True)
+        return 0
+    marker.unlink(missing_ok=True)
     # Unique even for two reports in one second: never overwrite a report.
     stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
     kept = state_dir / f"lost-{stamp}-{path.name}"
