@@ -91,3 +91,24 @@ class Luod:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+#: luoctl as a real command, with this interpreter.
+LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
+
+
+def luoctl(
+    socket: str, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``luoctl --socket SOCKET ARGS`` as a command, bounded by ``timeout``.
+
+    ``COLUMNS`` is wide so that rich never wraps a one-line report.
+    """
+    return subprocess.run(
+        [*LUOCTL, "--socket", socket, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**(os.environ if env is None else env), "COLUMNS": "200"},
+        check=False,
+    )

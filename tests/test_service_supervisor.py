@@ -24,21 +24,11 @@ from pathlib import Path
 import pytest
 
 import liveupdate
-from luodtest import REPO, Luod
+from luodtest import REPO, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
 
 ECHO = REPO / "examples" / "echo_service.py"
-
-
-def luoctl(daemon: Luod, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "liveupdate.cli.luoctl", "--socket", daemon.socket, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 class Service:
@@ -182,7 +172,7 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
 
         # 1. A live update of the service.
         first = service.service_pid()
-        result = luoctl(luod, "update", "echo")
+        result = luoctl(luod.socket, "update", "echo")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: service.service_pid() != first, "the service was not restarted")
         mark = talker.sent
@@ -212,7 +202,7 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
         # die, re-acquires the sessions from the new generation, restarts the
         # service; the connection and the listener carry on.
         before = service.service_pid()
-        result = luoctl(luod, "reboot")
+        result = luoctl(luod.socket, "reboot")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: service.service_pid() != before, "no restart after the reboot")
         mark = talker.sent

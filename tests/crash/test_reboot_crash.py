@@ -44,7 +44,7 @@ from liveupdate.core.file import HandlerRegistry
 from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord, encode_image
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.server import reboot as server_reboot
-from luodtest import Luod
+from luodtest import LUOCTL, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
 
@@ -58,7 +58,6 @@ SESSIONS: dict[str, tuple[int, ...]] = {
     "idle": (),
 }
 
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 STEPS = ["freeze", "after-image", "before-exec", "after-exec", "restore"]
 
 _LOST_RE = re.compile(r" session-lost session=(\S+) files=(\d+) tokens=(\S+)")
@@ -67,17 +66,6 @@ _LOST_RE = re.compile(r" session-lost session=(\S+) files=(\d+) tokens=(\S+)")
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def luoctl(sock: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run ``luoctl --socket SOCK ARGS`` (it must not hang: bounded by ``timeout``)."""
-    return subprocess.run(
-        [*LUOCTL, "--socket", sock, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def run_luod(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:

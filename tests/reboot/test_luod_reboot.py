@@ -24,7 +24,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -38,11 +37,10 @@ from scenarios import C1_NAME, SCENARIOS, Keep, Obs, Scenario, diff, rc, run_sta
 import liveupdate
 from liveupdate import uapi, wire
 from liveupdate.core.handover import UnknownVersionError, decode_image
-from luodtest import Luod
+from luodtest import LUOCTL, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
 
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 FAULT_ENV = "LUOD_FAULT_FILE"
 IMAGE_NAME = "handover.dtb"
 _REBOOTED = re.compile(r"generation (\d+) -> (\d+)")
@@ -54,18 +52,6 @@ HANDOVER_SET = [s for s in SCENARIOS.values() if len(s.stages) == 2 and s.id != 
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def luoctl(socket: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}  # rich must not wrap the one-line report
-    return subprocess.run(
-        [*LUOCTL, "--socket", socket, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
 
 
 def reboot(daemon: Luod, no_exec: bool = False) -> tuple[int, int]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any, Protocol
 
 __all__ = [
     "FORMAT_VERSION",
     "check_header",
+    "describe_record",
     "fd_link",
     "fd_link_bytes",
     "fdinfo",
@@ -99,3 +101,24 @@ def check_header(data: bytes, size: int, compatible: str) -> None:
         raise ValueError(f"{compatible} data of {len(data)} bytes, expected at least {size}")
     if data[0] != FORMAT_VERSION:
         raise ValueError(f"{compatible} data format {data[0]}, this version reads {FORMAT_VERSION}")
+
+
+class _Record(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class _RecordType(Protocol):
+    def of(self, fd: int) -> _Record: ...
+    def decode(self, data: bytes) -> _Record: ...
+
+
+def describe_record(record: _RecordType, fd: int, data: bytes, kind: str) -> dict[str, Any]:
+    """``FileHandler.describe`` for handlers whose state is one record type.
+
+    Reads the live file while luod holds it, else the recorded data; a
+    listing never fails because one file cannot be inspected.
+    """
+    try:
+        return (record.of(fd) if fd >= 0 else record.decode(data)).to_dict()
+    except (OSError, ValueError):
+        return {"type": kind}

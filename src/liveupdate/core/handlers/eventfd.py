@@ -35,6 +35,7 @@ from liveupdate.core.file import FileHandler, FileKey, PreservedFile, file_key
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    describe_record,
     fd_link,
     fdinfo,
     open_flags,
@@ -138,12 +139,7 @@ class EventfdHandler(FileHandler):
             raise OSError(errno.EINVAL, "inherited eventfd's EFD_SEMAPHORE differs")
 
     def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                return EventfdInfo.of(file.fd).to_dict()
-            return EventfdInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "eventfd"}
+        return describe_record(EventfdInfo, file.fd, file.data, "eventfd")
 
     @staticmethod
     def describe_data(data: bytes) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    describe_record,
     fd_link,
     fdinfo,
     open_flags,
@@ -103,12 +104,7 @@ class PidfdHandler(FileHandler):
             raise OSError(errno.EINVAL, f"inherited pidfd is pid {now.pid}, not {recorded.pid}")
 
     def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                return PidfdInfo.of(file.fd).to_dict()
-            return PidfdInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "pidfd"}
+        return describe_record(PidfdInfo, file.fd, file.data, "pidfd")
 
     @staticmethod
     def describe_data(data: bytes) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    describe_record,
     fd_link_bytes,
     pack_bytes,
     unpack_bytes,
@@ -157,12 +158,7 @@ class PipeHandler(FileHandler):
             )
 
     def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                return PipeInfo.of(file.fd).to_dict()
-            return PipeInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "pipe"}
+        return describe_record(PipeInfo, file.fd, file.data, "pipe")
 
     @staticmethod
     def describe_data(data: bytes) -> dict[str, Any]:

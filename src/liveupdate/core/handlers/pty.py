@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from liveupdate.core.file import FileHandler, FileKey, PreservedFile
-from liveupdate.core.handlers._proc import FORMAT_VERSION, check_header, fdinfo, open_flags
+from liveupdate.core.handlers._proc import (
+    FORMAT_VERSION,
+    check_header,
+    describe_record,
+    fdinfo,
+    open_flags,
+)
 
 __all__ = ["PtyHandler", "PtyInfo", "pts_index"]
 
@@ -126,12 +132,7 @@ class PtyHandler(FileHandler):
             )
 
     def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                return PtyInfo.of(file.fd).to_dict()
-            return PtyInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "pty"}
+        return describe_record(PtyInfo, file.fd, file.data, "pty")
 
     @staticmethod
     def describe_data(data: bytes) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    describe_record,
     pack_bytes,
     unpack_bytes,
 )
@@ -276,12 +277,7 @@ class SocketHandler(FileHandler):
             )
 
     def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                return SocketInfo.of(file.fd).to_dict()
-            return SocketInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "socket"}
+        return describe_record(SocketInfo, file.fd, file.data, "socket")
 
     @staticmethod
     def describe_data(data: bytes) -> dict[str, Any]:
