@@ -153,12 +153,10 @@ def preserve_file(
     handler = registry.find(fd, st)
     key: FileKey = handler.file_key(fd, st)
     holder = luo.preserved.get(key)
-    # A session whose fd was closed a moment ago may not be released yet
-    # (closing is asynchronous over a socket): check before refusing.
-    if holder is not None and not (
-        holder.session is not None and luo.released_meanwhile(holder.session)
-    ):
-        raise OSError(errno.EBUSY, "this file is already preserved")
+    if holder is not None and holder.session is not None:
+        # Its session's fd may have been closed a moment ago and not be
+        # released yet (closing is asynchronous over a socket).
+        luo.released_meanwhile(holder.session)
     if key in luo.preserved:
         raise OSError(errno.EBUSY, "this file is already preserved")
     file = PreservedFile(token, handler, fd, key, session=session)
@@ -170,14 +168,20 @@ def preserve_file(
     return file
 
 
+def _forget(luo: Orchestrator, file: PreservedFile) -> None:
+    """The file no longer counts as preserved; luod drops its reference."""
+    if luo.preserved.get(file.key) is file:
+        del luo.preserved[file.key]
+    file.release()
+
+
 def unpreserve_all(luo: Orchestrator, session: Session) -> None:
     """Release an outgoing session's files, last preserved first."""
     for file in reversed(list(session.files.values())):
         try:
             file.handler.unpreserve(file)
         finally:
-            luo.preserved.pop(file.key, None)
-            file.release()
+            _forget(luo, file)
     session.files.clear()
 
 
@@ -217,9 +221,7 @@ def finish_session(luo: Orchestrator, session: Session, force: bool = False) -> 
         try:
             file.handler.finish(file)
         finally:
-            if luo.preserved.get(file.key) is file:
-                del luo.preserved[file.key]
-            file.release()
+            _forget(luo, file)
     session.finished = True
     luo.session_finished(session)
 
@@ -232,8 +234,7 @@ def unpreserve_file(luo: Orchestrator, session: Session, token: int) -> None:
     try:
         file.handler.unpreserve(file)
     finally:
-        luo.preserved.pop(file.key, None)
-        file.release()
+        _forget(luo, file)
         luo.mutations += 1
 
 
