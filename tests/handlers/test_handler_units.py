@@ -124,8 +124,31 @@ def _udp(o: Opened, _: Path) -> tuple[int, str, dict[str, Any]]:
     return o.sock(s), "socket-v1", {"socket": "udp", "socktype": "dgram", "protocol": 17}
 
 
+def _pair_made_elsewhere(kind: int) -> tuple[socket.socket, socket.socket]:
+    """A socketpair created by a child process.
+
+    The handler refuses a Unix socket whose peer is the process asking (for
+    luod: its own device and session fds); a pair made here would be one.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a, b = socket.socketpair(socket.AF_UNIX, kind)
+            socket.send_fds(child, [b"p"], [a.fileno(), b.fileno()])
+        finally:
+            os._exit(0)
+    try:
+        _msg, fds, _flags, _addr = socket.recv_fds(parent, 1, 2)
+    finally:
+        os.waitpid(pid, 0)
+        parent.close()
+        child.close()
+    return socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+
+
 def _unix_seqpacket(o: Opened, _: Path) -> tuple[int, str, dict[str, Any]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a, b = _pair_made_elsewhere(socket.SOCK_SEQPACKET)
     o.keep.append(b)
     return o.sock(a), "socket-v1", {"socket": "unix-seqpacket", "address": "", "peer": ""}
 

@@ -192,7 +192,8 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
     while True:
         remaining = deadline - time.monotonic()
         try:
-            with obj.open(timeout=max(0.0, remaining)) as dev:
+            # A timeout of 0 would mean "no retry, unbounded open": keep a bound.
+            with obj.open(timeout=max(0.001, remaining)) as dev:
                 info = dev.get_state()
             if info.generation >= generation:
                 return info

@@ -130,21 +130,28 @@ class Supervisor:
 
     def acquire(self) -> None:
         """Retrieve the session if it was handed over, else create it."""
+        held_elsewhere = (
+            f"session {self.name!r} is held by another process "
+            "(another `luoctl run`, or a service that outlived its supervisor)"
+        )
         with liveupdate.open_device(self.device, timeout=self.open_timeout) as dev:
+            # Create first: if that fails nothing was retrieved, and so nothing
+            # is finished (and lost) by giving up.
+            try:
+                outgoing = dev.create_session(self.name)
+            except liveupdate.AlreadyExistsError as exc:
+                raise type(exc)(exc.errno, held_elsewhere) from None
             try:
                 self.current = dev.retrieve_session(self.name)
                 self.state = "incoming"
-                self.next = dev.create_session(self.name)
+                self.next = outgoing
             except liveupdate.NotFoundError:
-                self.current = dev.create_session(self.name)
+                self.current = outgoing
                 self.state = "outgoing"
                 self.next = None
-            except (liveupdate.InvalidArgumentError, liveupdate.AlreadyExistsError) as exc:
-                raise type(exc)(
-                    exc.errno,
-                    f"session {self.name!r} is held by another process "
-                    "(another `luoctl run`, or a service that outlived its supervisor)",
-                ) from None
+            except liveupdate.InvalidArgumentError as exc:
+                outgoing.close()
+                raise type(exc)(exc.errno, held_elsewhere) from None
         if self.keep_on_close:
             self.outgoing.keep_on_close()
         _say(f"session {self.name!r} {self.state}")

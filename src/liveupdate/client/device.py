@@ -24,6 +24,7 @@ import ctypes
 import errno
 import json
 import os
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -64,6 +65,9 @@ class _FdObject:
     def __init__(self, fd: int, transport: AnyTransport) -> None:
         self._fd = fd
         self.transport = transport
+        # Over a socket, a call is a request then its reply on one fd: two
+        # threads calling at once would take each other's replies.
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
         """The underlying fd (owned by this object until :meth:`close` or :meth:`detach`)."""
@@ -83,8 +87,14 @@ class _FdObject:
         reply is written back into it, including the number of a returned fd
         in the ``fd`` field; the caller then owns that fd. Raises a
         :class:`~liveupdate.LiveUpdateError` subclass on failure.
+
+        Calls through one object are serialized across threads. Processes
+        that share one session fd (a supervisor and its service) must not
+        call at the same time: over luod's socket they would read each
+        other's replies.
         """
-        return self.transport.ioctl(self.fileno(), cmd, buf)  # type: ignore[arg-type]
+        with self._lock:
+            return self.transport.ioctl(self.fileno(), cmd, buf)  # type: ignore[arg-type]
 
     def detach(self) -> int:
         """Give up ownership of the fd and return it."""

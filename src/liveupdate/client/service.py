@@ -89,17 +89,26 @@ class InheritedSession:
         """
         if self.state != "incoming":
             return {}
-        fds = {token: self.session.retrieve(token) for token in self.tokens(device)}
-        # A retrieved file counts as preserved until FINISH: finish first.
-        self.session.finish()
-        for token, fd in fds.items():
-            try:
-                self.outgoing.preserve(fd, token)
-            except AlreadyExistsError:
-                # A predecessor that crashed mid-restore left this token in
-                # the outgoing session: the file just retrieved replaces it.
-                self.outgoing.unpreserve(token)
-                self.outgoing.preserve(fd, token)
+        fds: dict[int, int] = {}
+        try:
+            for token in self.tokens(device):
+                fds[token] = self.session.retrieve(token)
+            # A retrieved file counts as preserved until FINISH: finish first.
+            # Until each file is preserved again below, this process alone
+            # holds it (a crash in between loses it).
+            self.session.finish()
+            for token, fd in fds.items():
+                try:
+                    self.outgoing.preserve(fd, token)
+                except AlreadyExistsError:
+                    # A predecessor that crashed mid-restore left this token
+                    # in the outgoing session: the file just retrieved wins.
+                    self.outgoing.unpreserve(token)
+                    self.outgoing.preserve(fd, token)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
         return fds
 
 

@@ -25,6 +25,7 @@ from liveupdate.client.errors import LiveUpdateError, error_from_errno
 __all__ = ["KernelTransport", "SocketTransport", "Transport", "transport_for_fd"]
 
 _FD_FIELD = struct.Struct("=i")
+_SIZE = struct.Struct("=I")
 _FD_OFFSET = 4
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
@@ -69,6 +70,11 @@ class KernelTransport:
 
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
         view = _as_bytes_view(buf)
+        # CPython copies a buffer of up to 1 KiB into a larger scratch area, so
+        # the kernel could read past the caller's bytes without a fault: check
+        # here what the socket transport's framing checks (EFAULT).
+        if len(view) < _SIZE.size or len(view) < _SIZE.unpack_from(view)[0]:
+            raise error_from_errno(errno.EFAULT, _ioctl_name(cmd))
         try:
             # mutate_flag=True: the kernel's writes land in the caller's buffer.
             return int(fcntl.ioctl(fd, cmd, view, True))
@@ -133,6 +139,16 @@ class SocketTransport:
         what: str,
     ) -> int:
         request = wire.encode_request(cmd, view)
+        spare = -1
+        if info is not None and info.fd_out:
+            # Make sure the returned fd can be installed *before* asking: if it
+            # could not, the kernel would drop it on receipt, and for a
+            # RETRIEVE_SESSION luod would take that as the session's close
+            # (an implicit FINISH). The slot is freed right before recvmsg.
+            try:
+                spare = os.dup(sock.fileno())
+            except OSError as exc:
+                raise error_from_errno(exc.errno or errno.EMFILE, what) from None
         fds: list[int] = []
         if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
             (caller_fd,) = _FD_FIELD.unpack_from(view, _FD_OFFSET)
@@ -147,8 +163,13 @@ class SocketTransport:
                 # Not an open fd: let the daemon answer in its own check order
                 # (a duplicate token is EEXIST before a bad fd is EBADF).
                 wire.send_message(sock, request)
+            if spare >= 0:
+                os.close(spare)
+                spare = -1
             msg = wire.recv_message(sock, wire.REPLY_HEADER.size + len(view) + 1)
         except OSError as exc:
+            if spare >= 0:
+                os.close(spare)
             if exc.errno in _PEER_GONE:
                 raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)") from None
             raise error_from_errno(exc.errno or errno.EIO, what) from None

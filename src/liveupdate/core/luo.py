@@ -192,11 +192,11 @@ class Orchestrator:
                     hand_over(self, session, replace=True)
                     log.warning("session %s kept on close", session.display_name)
                     return
-                except OSError as exc:
+                except Exception as exc:  # a handler's bug must not keep the files
                     log.error(
                         "session %s: keep-on-close hand-over failed (%s); files released",
                         session.display_name,
-                        exc.strerror,
+                        getattr(exc, "strerror", None) or exc,
                     )
             if self.outgoing.get(session.name) is session:
                 del self.outgoing[session.name]

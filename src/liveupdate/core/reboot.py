@@ -44,15 +44,22 @@ __all__ = [
 FreezeHook = Callable[[PreservedFile], None]
 
 
+#: Image-only session flag: handed over by a per-session update or
+#: keep-on-close and still waiting for its successor (kept across reboots).
+#: Bit 31, far from the ABI's LUOD_SESSION_* flags, never visible to clients.
+IMAGE_FLAG_AWAITING_SUCCESSOR = 1 << 31
+
+
 def session_record(session: Session) -> SessionRecord:
     """The image record of one session (its files' data as last frozen)."""
+    waiting = session.handed_over and not session.retrieved
     return SessionRecord(
         name=session.name,
         uid=session.owner.uid,
         gid=session.owner.gid,
         pid=session.owner.pid,
         created=session.created,
-        flags=session.flags,
+        flags=session.flags | (IMAGE_FLAG_AWAITING_SUCCESSOR if waiting else 0),
         files=[
             FileRecord(f.token, f.handler.compatible, f.fd, f.data) for f in session.files.values()
         ],
@@ -146,7 +153,8 @@ def restore(
             uapi.SessionDirection.INCOMING,
             Owner(record.pid, record.uid, record.gid),
             created=record.created,
-            flags=record.flags,
+            flags=record.flags & ~IMAGE_FLAG_AWAITING_SUCCESSOR,
+            handed_over=bool(record.flags & IMAGE_FLAG_AWAITING_SUCCESSOR),
         )
         for rec in record.files:
             handler = registry.by_compatible(rec.compatible)

@@ -153,7 +153,7 @@ def preserve_file(
     handler = registry.find(fd, st)
     key: FileKey = handler.file_key(fd, st)
     holder = luo.preserved.get(key)
-    if holder is not None and holder.session is not None:
+    if holder is not None and holder.session is not None and holder.session is not session:
         # Its session's fd may have been closed a moment ago and not be
         # released yet (closing is asynchronous over a socket).
         luo.released_meanwhile(holder.session)

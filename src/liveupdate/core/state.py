@@ -95,38 +95,56 @@ def cancel(luo: Orchestrator) -> None:
     luo.set_state(luo.resting_state())
 
 
+def _check_names(luo: Orchestrator) -> None:
+    """The next generation gets one incoming session per name: refuse a clash.
+
+    A handed-over session still waiting for its successor and an outgoing
+    session of the same name would both be incoming after the reboot.
+    """
+    waiting = {s.name for s in reboot.handed_over_sessions(luo) if s.handed_over}
+    for name in luo.outgoing:
+        if name in waiting:
+            shown = name.decode(errors="backslashreplace")
+            raise OSError(
+                errno.EEXIST,
+                f"session {shown!r} is both outgoing and handed over waiting for its "
+                "successor: retrieve it, or release it with FINISH, before rebooting",
+            )
+
+
 def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
     """REBOOT: pre-flight if needed, freeze everything, commit the image.
 
     The next generation starts after the reply (the host's business). On
-    any failure the frozen files are thawed and the state is restored.
+    any failure (of any kind: a third-party handler may raise anything) the
+    frozen files are thawed, the intent is dropped and the state restored.
     """
     if luo.state == State.FROZEN:
         raise OSError(errno.EBUSY, "a reboot is in progress")
+    try:
+        _check_names(luo)
+    except OSError as exc:
+        raise _fail(luo, exc) from None
+    previous = luo.state
     # The intent goes to disk first: a holder killed from here on (even in
     # the pre-flight) leaves a record of what it held.
     host.begin_reboot(reboot.snapshot(luo))
-    checked = luo.state == State.PREPARED and luo.prepared_mark == luo.mutations
-    if not checked and not no_exec:
-        try:
+    frozen = False
+    try:
+        checked = previous == State.PREPARED and luo.prepared_mark == luo.mutations
+        if not checked and not no_exec:
             host.preflight(_dry_run_image(luo))
-        except OSError as exc:
-            host.abort_reboot()
-            raise _fail(luo, exc) from None
-    previous = luo.state
-    luo.set_state(State.FROZEN)
-    try:
+        luo.set_state(State.FROZEN)
         image = reboot.freeze(luo, hook=host.freeze_hook)
-    except OSError as exc:
-        host.abort_reboot()
-        luo.set_state(previous)
-        raise _fail(luo, exc) from None
-    try:
+        frozen = True
         host.commit_reboot(image, no_exec)
-    except OSError as exc:
-        reboot.thaw(luo)
+    except Exception as exc:
+        if frozen:
+            reboot.thaw(luo)
         host.abort_reboot()
         luo.set_state(previous)
+        if not isinstance(exc, OSError):
+            exc = OSError(errno.EIO, f"reboot failed: {type(exc).__name__}: {exc}")
         raise _fail(luo, exc) from None
     luo.last_error = ""
 
@@ -152,7 +170,8 @@ def finish_all(luo: Orchestrator) -> None:
         finish_session(luo, session, force=True)
         if not session.retrieved:
             del luo.incoming[session.name]
-    luo.set_state(luo.resting_state())
+    if luo.state != State.PREPARED:  # a prepared update stays prepared
+        luo.set_state(luo.resting_state())
 
 
 # -- ioctl handlers -------------------------------------------------------------

@@ -29,13 +29,19 @@ from liveupdate.server.logs import event
 __all__ = ["JOURNAL_NAME", "Journal"]
 
 JOURNAL_NAME = "journal.dtb"
+#: Incoming sessions go into their own image: an outgoing and an incoming
+#: session may share a name, and one image holds each name once.
+INCOMING_JOURNAL_NAME = "journal-incoming.dtb"
 
 
 class Journal:
-    """Keeps ``STATE_DIR/journal.dtb`` in step with the orchestrator."""
+    """Keeps ``STATE_DIR/journal.dtb`` (outgoing sessions) and
+    ``journal-incoming.dtb`` (unfinished incoming ones) in step with the
+    orchestrator."""
 
     def __init__(self, state_dir: str, interval: float, writer: str = "") -> None:
         self.path = Path(state_dir) / JOURNAL_NAME
+        self.incoming_path = Path(state_dir) / INCOMING_JOURNAL_NAME
         self.interval = interval
         self.writer = writer
         self._seen: tuple[int, int] | None = None
@@ -47,10 +53,6 @@ class Journal:
     @property
     def enabled(self) -> bool:
         return self.interval > 0
-
-    def _records(self, luo: Orchestrator) -> list[SessionRecord]:
-        held = [*luo.outgoing.values(), *(s for s in luo.incoming.values() if not s.finished)]
-        return [session_record(s) for s in held]
 
     def tick(self, luo: Orchestrator) -> float | None:
         """Write the journal if it is due; return seconds until the next check."""
@@ -69,16 +71,24 @@ class Journal:
             return
         self._seen = mark
         self._last_write = time.monotonic()
-        records = self._records(luo)
+        incoming = [s for s in luo.incoming.values() if not s.finished]
+        for path, sessions in (
+            (self.path, list(luo.outgoing.values())),
+            (self.incoming_path, incoming),
+        ):
+            self._write(path, luo.generation, [session_record(s) for s in sessions])
+
+    def _write(self, path: Path, generation: int, records: list[SessionRecord]) -> None:
         try:
             if records:
-                image = HandoverImage(luo.generation, records, writer=self.writer)
-                write_atomic(self.path, encode_image(image))
+                image = HandoverImage(generation, records, writer=self.writer)
+                write_atomic(path, encode_image(image))
             else:
-                self.path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
         except (OSError, ValueError) as exc:
-            event("journal-failed", logging.WARNING, path=str(self.path), error=str(exc))
+            event("journal-failed", logging.WARNING, path=str(path), error=str(exc))
 
     def remove(self) -> None:
         """A clean stop: the sessions were released on purpose."""
         self.path.unlink(missing_ok=True)
+        self.incoming_path.unlink(missing_ok=True)

@@ -172,11 +172,22 @@ def bind_listener(config: Config) -> socket.socket:
 
 
 def write_state_file(path: str, state: LuoState) -> None:
-    """Replace the state file atomically with ``normal``/``prepared``/..."""
+    """Replace the state file atomically with ``normal``/``prepared``/...
+
+    The file only mirrors the state for watchers: failing to write it is
+    logged, never allowed to interrupt a state change.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(state.name.lower() + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(state.name.lower() + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        event("state-file-failed", 30, path=path, error=exc.strerror)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def default_exec_argv() -> list[str]:

@@ -43,7 +43,7 @@ from liveupdate.core.handover import HandoverError, HandoverImage, decode_image,
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.server import systemd
 from liveupdate.server.files import write_atomic
-from liveupdate.server.journal import JOURNAL_NAME, Journal
+from liveupdate.server.journal import INCOMING_JOURNAL_NAME, JOURNAL_NAME, Journal
 from liveupdate.server.logs import event
 
 if TYPE_CHECKING:
@@ -241,8 +241,16 @@ class Rebooter:
             return
         event("restore-retry", image=str(self.image_path))
         self.server.close_connections()
+        # After an exec, the inherited fds were never made close-on-exec; after
+        # a failed in-process restore they were: hand on every fd the image names.
         try:
-            self.exec_next([])
+            fds = [
+                f.fd for s in decode_image(self.image_path.read_bytes()).sessions for f in s.files
+            ]
+        except (OSError, HandoverError):
+            fds = []
+        try:
+            self.exec_next(fds)
         except OSError as exc:
             event("exec-failed", logging.ERROR, error=str(exc))
 
@@ -324,27 +332,31 @@ def restore_from_image(
 def report_lost(state_dir: Path) -> int:
     """At a cold start: what did the previous luod hold when it died?
 
-    A leftover handover image means it died during a live update; a leftover
-    journal, that it died outside one. Logs every session described as lost,
-    keeps the image renamed for inspection, and returns how many there were.
+    A leftover handover image means it died during a live update after the
+    freeze; leftover journals, that it died outside one (or before the
+    freeze: the marker tells). Logs every session described as lost, keeps
+    each record renamed for inspection, and returns how many there were.
     """
-    journal = state_dir / JOURNAL_NAME
+    image_path = state_dir / IMAGE_NAME
+    journals = [state_dir / JOURNAL_NAME, state_dir / INCOMING_JOURNAL_NAME]
     marker = state_dir / MARKER_NAME
-    path = state_dir / IMAGE_NAME
     why = "the previous luod died during a live update"
-    if path.exists():
-        journal.unlink(missing_ok=True)
-    elif journal.exists():
-        path = journal
+    if image_path.exists():
+        records = [image_path]  # the image supersedes the journals
+        for path in journals:
+            path.unlink(missing_ok=True)
+    else:
+        records = [path for path in journals if path.exists()]
         if not marker.exists():
             why = "the previous luod died (outside a live update)"
-    else:
-        marker.unlink(missing_ok=True)
-        return 0
     marker.unlink(missing_ok=True)
+    return sum(_report_record(path, why) for path in records)
+
+
+def _report_record(path: Path, why: str) -> int:
     # Unique even for two reports in one second: never overwrite a report.
     stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
-    kept = state_dir / f"lost-{stamp}-{path.name}"
+    kept = path.with_name(f"lost-{stamp}-{path.name}")
     os.link(path, kept)
     path.unlink()
     try:

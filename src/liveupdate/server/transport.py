@@ -23,6 +23,7 @@ import selectors
 import signal
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ _CRED = struct.Struct("3i")
 #: Receive buffer: one full request plus one byte, so an oversized message
 #: shows up as truncated (its true length comes from MSG_TRUNC).
 _RECV_BUF = wire.REQUEST_HEADER.size + wire.MAX_ARG_LEN + 1
+#: How long the listener rests after accept() failed (fds exhausted).
+_ACCEPT_PAUSE = 0.1
+_ACCEPT_WARN_EVERY = 10.0
 _HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
 
@@ -107,6 +111,9 @@ class DeviceServer:
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
         self._stop = False
+        #: While accept() fails for lack of fds: when to try again.
+        self._accept_resume: float | None = None
+        self._accept_warned = 0.0
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
@@ -139,24 +146,33 @@ class DeviceServer:
     def serve_forever(self) -> None:
         """Serve until :meth:`stop` or a stop signal."""
         while not self._stop:
-            timeout = self.on_idle() if self.on_idle is not None else None
+            waits = [self._resume_accept(), self.on_idle() if self.on_idle is not None else None]
+            timeout = min((w for w in waits if w is not None), default=None)
             for key, mask in self.selector.select(timeout=timeout):
-                if key.fileobj is self.listener:
-                    self._accept()
-                elif key.fileobj is self._wakeup_r:
-                    self._drain_wakeup()
-                else:
-                    ep: Endpoint = key.data
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(ep)
-                    if mask & selectors.EVENT_READ and not ep.closed:
-                        self._serve(ep)
+                try:
+                    self._event(key, mask)
+                except Exception:
+                    # Whatever a handler (a third-party one above all) does on
+                    # a close or a flush, the daemon and its files live on.
+                    event("internal-error", logging.ERROR, exc_info=True, where="event loop")
                 if self.deferred:
                     # Deferred work (a reboot) runs right after the call that
                     # asked for it: no other client is served in between.
                     break
             while self.deferred:
                 self.deferred.popleft()()
+
+    def _event(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.fileobj is self.listener:
+            self._accept()
+        elif key.fileobj is self._wakeup_r:
+            self._drain_wakeup()
+        else:
+            ep: Endpoint = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._flush(ep)
+            if mask & selectors.EVENT_READ and not ep.closed:
+                self._serve(ep)
 
     def _drain_wakeup(self) -> None:
         try:
@@ -208,10 +224,32 @@ class DeviceServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS: leave it in the backlog for later.
-                event("accept-failed", logging.WARNING, error=exc.strerror)
+                # EMFILE/ENFILE/ENOBUFS: the client stays in the backlog. Stop
+                # watching the listener for a moment (it stays readable: a
+                # level-triggered loop would spin) and say so once a while.
+                self._pause_accept()
+                now = time.monotonic()
+                if now - self._accept_warned > _ACCEPT_WARN_EVERY:
+                    self._accept_warned = now
+                    event("accept-failed", logging.WARNING, error=exc.strerror)
                 return
             self._open_device(sock)
+
+    def _pause_accept(self) -> None:
+        if self._accept_resume is None:
+            self.selector.unregister(self.listener)
+        self._accept_resume = time.monotonic() + _ACCEPT_PAUSE
+
+    def _resume_accept(self) -> float | None:
+        """Watch the listener again once the pause is over; the time left, else None."""
+        if self._accept_resume is None:
+            return None
+        left = self._accept_resume - time.monotonic()
+        if left > 0:
+            return left
+        self._accept_resume = None
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        return None
 
     def _open_device(self, sock: socket.socket) -> None:
         owner = peer_owner(sock)
@@ -342,6 +380,10 @@ class DeviceServer:
         ep.detach = True
 
     def _reply(self, ep: Endpoint, data: bytes, fd: int | None) -> None:
+        if ep.closed:  # the call itself closed it (e.g. released its own session)
+            if fd is not None:
+                os.close(fd)
+            return
         ep.pending.append((data, fd))
         self._flush(ep)
 
@@ -385,9 +427,17 @@ class DeviceServer:
             ep.session.endpoint = None
 
     def _close(self, ep: Endpoint) -> None:
-        """The peer closed ``ep``: release its session or free the device."""
+        """The peer closed ``ep``: release its session or free the device.
+
+        A session handed over on this fd (LUOD_SESSION_UPDATE) is not this
+        fd's any more: its close, even before the reply got out, changes
+        nothing.
+        """
         session = ep.session
+        handed_over = ep.detach or (session is not None and session.endpoint is not ep)
         self._drop(ep)
+        if handed_over:
+            return
         if session is None:
             if self.device is ep:
                 self.device = None

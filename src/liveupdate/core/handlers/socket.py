@@ -238,6 +238,25 @@ class SocketInfo:
         return desc
 
 
+def _talks_to_luod(sock: socket.socket) -> bool:
+    """A Unix socket whose peer is this very process: a device or session fd of luod.
+
+    Preserving one would make luod hold its own client's end, so it could
+    never see that end close: the device would stay busy and the session
+    alive forever.
+    """
+    if sock.family != socket.AF_UNIX:
+        return False
+    try:
+        # A listening socket's "peer" credentials are its own owner's.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return False
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    return int(struct.unpack("3i", creds)[0]) == os.getpid()
+
+
 class SocketHandler(FileHandler):
     """Preserves TCP/UDP (IPv4, IPv6) and Unix sockets by holding them open."""
 
@@ -248,7 +267,7 @@ class SocketHandler(FileHandler):
             return False
         try:
             with borrowed(fd) as sock:
-                return _kind(sock) in ACCEPTED
+                return _kind(sock) in ACCEPTED and not _talks_to_luod(sock)
         except OSError:
             return False
 
