@@ -10,6 +10,7 @@ new position).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import Any, Protocol
@@ -122,3 +123,11 @@ def describe_record(record: _RecordType, fd: int, data: bytes, kind: str) -> dic
         return (record.of(fd) if fd >= 0 else record.decode(data)).to_dict()
     except (OSError, ValueError):
         return {"type": kind}
+
+
+def decode_record(record: _RecordType, data: bytes) -> Any:
+    """``record.decode(data)``, a malformed record being ``EINVAL`` for ``restore``."""
+    try:
+        return record.decode(data)
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None

@@ -35,6 +35,7 @@ from liveupdate.core.file import FileHandler, FileKey, PreservedFile, file_key
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     describe_record,
     fd_link,
     fdinfo,
@@ -124,10 +125,7 @@ class EventfdHandler(FileHandler):
         return EventfdInfo.of(file.fd).encode()
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            recorded = EventfdInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        recorded = decode_record(EventfdInfo, file.data)
         if fd_link(file.fd) != LINK:
             raise OSError(errno.EINVAL, "inherited fd is not an eventfd")
         now = EventfdInfo.of(file.fd)

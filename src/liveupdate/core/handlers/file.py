@@ -43,6 +43,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     fd_link,
     fd_link_bytes,
     fdinfo,
@@ -152,10 +153,7 @@ class RegularFileHandler(FileHandler):
         return FileInfo.of(file.fd, path if isinstance(path, bytes) else None).encode()
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            info = FileInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        info = decode_record(FileInfo, file.data)
         st = os.fstat(file.fd)
         if _kind(st) != info.kind:
             raise OSError(errno.EINVAL, f"inherited fd is not a {_KINDS[info.kind]}")

@@ -35,6 +35,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     describe_record,
     fd_link,
     fdinfo,
@@ -92,10 +93,7 @@ class PidfdHandler(FileHandler):
         return PidfdInfo.of(file.fd).encode()
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            recorded = PidfdInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        recorded = decode_record(PidfdInfo, file.data)
         if fd_link(file.fd) != LINK:
             raise OSError(errno.EINVAL, "inherited fd is not a pidfd")
         now = PidfdInfo.of(file.fd)

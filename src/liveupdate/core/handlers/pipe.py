@@ -41,6 +41,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     describe_record,
     fd_link_bytes,
     pack_bytes,
@@ -140,10 +141,7 @@ class PipeHandler(FileHandler):
         return PipeInfo.of(file.fd).encode()
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            info = PipeInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        info = decode_record(PipeInfo, file.data)
         st = os.fstat(file.fd)
         if not stat.S_ISFIFO(st.st_mode):
             raise OSError(errno.EINVAL, "inherited fd is not a pipe or FIFO")

@@ -34,6 +34,7 @@ from liveupdate.core.file import FileHandler, FileKey, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     describe_record,
     fdinfo,
     open_flags,
@@ -119,10 +120,7 @@ class PtyHandler(FileHandler):
         return PtyInfo.of(file.fd).encode()
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            recorded = PtyInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        recorded = decode_record(PtyInfo, file.data)
         if not is_pty_master(os.fstat(file.fd)):
             raise OSError(errno.EINVAL, "inherited fd is not a PTY master")
         index = pts_index(file.fd)

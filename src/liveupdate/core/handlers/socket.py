@@ -51,6 +51,7 @@ from liveupdate.core.file import FileHandler, PreservedFile
 from liveupdate.core.handlers._proc import (
     FORMAT_VERSION,
     check_header,
+    decode_record,
     describe_record,
     pack_bytes,
     unpack_bytes,
@@ -278,10 +279,7 @@ class SocketHandler(FileHandler):
             raise OSError(errno.EINVAL, str(exc)) from None
 
     def restore(self, file: PreservedFile) -> None:
-        try:
-            info = SocketInfo.decode(file.data)
-        except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+        info = decode_record(SocketInfo, file.data)
         st = os.fstat(file.fd)
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EINVAL, "inherited fd is not a socket")
