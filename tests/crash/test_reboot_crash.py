@@ -501,7 +501,7 @@ def test_failed_in_process_restore_keeps_the_image(
             [],
             -1,
         )
-        rebooter.restore_in_process(image)
+        rebooter.restore_in_process()  # from the handover.dtb written above
         assert server.luo.restore_error is not None  # the EIO generation
         assert (tmp_path / "handover.dtb").exists()
     finally:

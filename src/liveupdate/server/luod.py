@@ -231,6 +231,7 @@ def run(config: Config, handover: Handover | None = None) -> int:
         listener = socket.socket(fileno=handover.listen_fd)
         for fd in (lock_fd, handover.listen_fd):
             os.set_inheritable(fd, False)
+        faults.point("after-exec")
         luo = restore_from_image(Path(handover.image), registry, config.limits, faults)
     luo.lost_sessions = lost
     _write_pid(lock_fd)

@@ -133,8 +133,6 @@ class Rebooter:
         self.started_at = 0.0
         #: Who writes the images (``luoctl inspect`` shows it).
         self.writer = f"luod pid {os.getpid()}"
-        #: A generation kept alive only to hold its fds (failed in-process restore).
-        self.held: Orchestrator | None = None
 
     @property
     def image_path(self) -> Path:
@@ -190,11 +188,11 @@ class Rebooter:
         image.writer = self.writer
         write_atomic(self.image_path, encode_image(image))
         self.faults.point("after-image")
-        self.server.deferred.append(lambda: self._next_generation(image, no_exec))
+        self.server.deferred.append(lambda: self._next_generation(no_exec))
 
     # -- starting the next generation -----------------------------------------------
 
-    def _next_generation(self, image: HandoverImage, no_exec: bool) -> None:
+    def _next_generation(self, no_exec: bool) -> None:
         # The old generation's device and session fds die here: clients see
         # ENODEV. The files stay held by the orchestrator.
         self.server.close_connections()
@@ -205,7 +203,7 @@ class Rebooter:
                 self.exec_next(reboot.preserved_fds(self.server.luo))
             except OSError as exc:
                 event("exec-failed", logging.ERROR, error=str(exc), fallback="in-process")
-        self.restore_in_process(image)
+        self.restore_in_process()
 
     def exec_next(self, file_fds: Sequence[int]) -> None:
         """Replace this process by the next luod; returns only if exec failed."""
@@ -254,8 +252,8 @@ class Rebooter:
         except OSError as exc:
             event("exec-failed", logging.ERROR, error=str(exc))
 
-    def restore_in_process(self, image: HandoverImage) -> None:
-        """Start the next generation without exec, through the same image bytes."""
+    def restore_in_process(self) -> None:
+        """Start the next generation without exec, from the image just committed."""
         old = self.server.luo
         # Incoming sessions of the ending generation that are not handed on
         # are released, exactly as the exec would (their fds are close-on-exec).
@@ -265,27 +263,13 @@ class Rebooter:
                 for file in session.files.values():
                     file.release()
         old.incoming.clear()
-        restored = False
-        try:
-            new = reboot.restore(decode_image(encode_image(image)), self.registry, self.limits)
-            restored = True
-        except (OSError, HandoverError) as exc:
-            # Keep the old generation's objects (and so its fds) alive: a file
-            # is never dropped because the next generation could not take it.
-            self.held = old
-            new = Orchestrator(self.registry, self.limits, image.liveupdate_number + 1)
-            new.restore_error = str(exc)
-            event("restore-failed", logging.ERROR, reason=str(exc), exec=False)
+        # The very path an exec'd luod takes: restore from the image file just
+        # committed (on failure: EIO opens, the image and every fd kept).
+        new = restore_from_image(self.image_path, self.registry, self.limits, self.faults)
         new.on_state_change = old.on_state_change
-        new.reap = old.reap
         self.server.luo = new
         if new.on_state_change is not None:
             new.on_state_change(new.state)
-        if restored:
-            # A failed restore keeps the image: SIGHUP retries from it, and a
-            # crash of this generation is still reported at the next start.
-            self.image_path.replace(self.state_dir / LAST_IMAGE_NAME)
-            self.marker_path.unlink(missing_ok=True)
         elapsed = time.monotonic() - self.started_at
         event(
             "reboot-complete",
@@ -300,13 +284,12 @@ class Rebooter:
 def restore_from_image(
     path: Path, registry: HandlerRegistry, limits: Limits, faults: Faults
 ) -> Orchestrator:
-    """The new generation after an exec: restore from the image file.
+    """The next generation, restored from the image file (after an exec or in-process).
 
-    On failure the result serves nothing but ``EIO`` opens; every inherited
-    fd stays open (and inheritable) and the image stays in place, so a fixed
-    version can retry (SIGHUP re-executes with the same image and fds).
+    On failure the result serves nothing but ``EIO`` opens; every fd the
+    image names stays open and the image stays in place, so a fixed version
+    can retry (SIGHUP re-executes on the same image and fds).
     """
-    faults.point("after-exec")
     generation = 0
     try:
         image = decode_image(path.read_bytes())

@@ -94,7 +94,6 @@ class DeviceServer:
 
     def __init__(self, luo: Orchestrator, listener: socket.socket) -> None:
         self.luo = luo
-        luo.reap = self.reap
         self.listener = listener
         listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -121,6 +120,16 @@ class DeviceServer:
         #: Work to run between two events (e.g. a reboot requested by an ioctl,
         #: which must happen after its reply was sent).
         self.deferred: collections.deque[Callable[[], None]] = collections.deque()
+
+    @property
+    def luo(self) -> Orchestrator:
+        """The generation served; every one is given the transport's close check."""
+        return self._luo
+
+    @luo.setter
+    def luo(self, luo: Orchestrator) -> None:
+        luo.reap = self.reap
+        self._luo = luo
 
     # -- lifecycle ------------------------------------------------------------
 
