@@ -426,7 +426,9 @@ def test_luoctl_prepare_cancel_and_state(luod: Luod) -> None:
         "max_sessions",
         "max_files",
         "lost_sessions",
+        "lost_incomplete",
         "last_error",
+        "journal_error",
     }
     assert state_file(luod) == "normal"
 

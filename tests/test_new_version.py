@@ -9,7 +9,7 @@ re-execute into it, and hand every session over intact.
 The wheel is assembled by the test (a wheel is a zip with a ``.dist-info``),
 so nothing is downloaded and no build backend plugin (``wheel``) is needed;
 pip installs it like any wheel, console scripts included. The second venv
-reaches the dependencies (fdt, click, rich) through a ``.pth`` line naming
+reaches the dependencies (libfdt, click, rich) through a ``.pth`` line naming
 this venv's site-packages, added after the install: a plain path line adds
 that directory only at the end of ``sys.path``, after the second venv's own
 site-packages, and does not process its ``.pth`` files, so this checkout's
@@ -138,7 +138,7 @@ def test_reboot_into_a_new_version(luod_factory: Callable[..., Luod], tmp_path: 
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import liveupdate, liveupdate.server.luod as l, fdt, click, rich;"
+            "import liveupdate, liveupdate.server.luod as l, libfdt, click, rich;"
             "print(liveupdate.__version__, l.__version__, liveupdate.__file__)",
         ],
         check=True,

@@ -55,6 +55,7 @@ __all__ = [
     "LUOD_SESSION_UNPRESERVE_FD",
     "LUOD_SESSION_UPDATE",
     "LUOD_SET_EVENT_FLAGS",
+    "LUOD_STATE_LOST_INCOMPLETE",
     "_IO",
     "_IOC_DIR_SIZE",
     "_IOC_NR",
@@ -357,6 +358,8 @@ LUOD_REBOOT_NO_EXEC: Final = 1 << 0
 LUOD_SET_EVENT_FLAGS: Final = LUOD_REBOOT_NO_EXEC
 #: Size of ``luod_get_state.last_error``.
 LUOD_ERROR_LENGTH: Final = 256
+#: ``luod_get_state.flags``: the loss report at start is incomplete (a stale journal).
+LUOD_STATE_LOST_INCOMPLETE: Final = 1 << 0
 
 
 class luod_get_state(ctypes.Structure):
@@ -372,9 +375,14 @@ class luod_get_state(ctypes.Structure):
     @max_files: Output; the per-session file limit (PRESERVE_FD answers ENOSPC beyond).
     @lost_sessions: Output; sessions reported lost at start because the previous holder died.
     @last_error: Output; why the last state event failed (NUL-terminated text, empty if none).
+    @journal_error: Output; errno of the journal's last failed write, 0 when it is up to date
+     or disabled. While not 0, a death of luod would lose files without a full report.
+    @flags: Output; LUOD_STATE_LOST_INCOMPLETE when the previous holder's journal was out of
+     date as it died, so that @lost_sessions is only a lower bound.
 
     Reads the orchestrator's state. Only @size up to @generation is mandatory:
-    an older, shorter struct gets the fields it knows.
+    an older, shorter struct gets the fields it knows (@journal_error and
+    @flags were appended later).
 
     Return: 0.
     """
@@ -390,6 +398,8 @@ class luod_get_state(ctypes.Structure):
         ("max_files", ctypes.c_uint32),
         ("lost_sessions", ctypes.c_uint32),
         ("last_error", ctypes.c_uint8 * LUOD_ERROR_LENGTH),
+        ("journal_error", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
     ]
 
 

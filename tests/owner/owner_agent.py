@@ -13,7 +13,9 @@ and ``recv`` pass session fds (``SCM_RIGHTS``) to and from the test.
 
 Ops: ``whoami``, ``create`` (name, data, token), ``update``, ``set_flags``
 (flags), ``keep_on_close``, ``get_name``, ``retrieve`` (name, token, key),
-``finish``, ``close``, ``list`` (name), ``send``, ``recv`` (key), ``exit``.
+``finish``, ``close``, ``list`` (name), ``send``, ``recv`` (key), ``preserve``
+(name, token, size), ``unpreserve`` (name, token), ``event`` (event),
+``state``, ``exit``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 from typing import Any
 
 import liveupdate
+from liveupdate import uapi
 
 _READ_MAX = 1 << 16
 
@@ -100,6 +103,30 @@ class Agent:
             for s in doc["sessions"]
         ]
         return {"sessions": sessions, "hidden": doc["hidden"], "generation": doc["generation"]}
+
+    def op_preserve(self, name: str, token: int, size: int = 0) -> dict[str, Any]:
+        """A new memfd of ``size`` bytes into the open session ``name``."""
+        mfd = os.memfd_create(f"owner-{name}-{token}")
+        try:
+            os.ftruncate(mfd, size)
+            self.sessions[name].preserve(mfd, token)
+        finally:
+            os.close(mfd)
+        return {}
+
+    def op_unpreserve(self, name: str, token: int) -> dict[str, Any]:
+        self.sessions[name].unpreserve(token)
+        return {}
+
+    def op_event(self, event: str) -> dict[str, Any]:
+        """SET_EVENT ``event`` (prepare, cancel, reboot, finish) on a fresh device fd."""
+        with self._open() as dev:
+            return {"generation": dev.set_event(uapi.LuodEvent[event.upper()])}
+
+    def op_state(self) -> dict[str, Any]:
+        with self._open() as dev:
+            info = dev.get_state()
+        return {"state": info.state.name.lower(), "generation": info.generation}
 
     def op_send(self, name: str) -> dict[str, Any]:
         socket.send_fds(self.channel, [b"S"], [self.sessions[name].fileno()])

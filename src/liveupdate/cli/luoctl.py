@@ -11,10 +11,11 @@ import errno
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -23,6 +24,7 @@ from rich.table import Table
 import liveupdate
 from liveupdate import uapi
 from liveupdate.client.device import StateInfo
+from liveupdate.client.errors import error_from_errno, file_kind
 
 __all__ = ["main"]
 
@@ -48,10 +50,30 @@ class Context:
             console.print(text, highlight=False)
 
 
-def _fail(exc: OSError) -> None:
+def _fail(exc: OSError, status: int = 1) -> NoReturn:
+    """One line on stderr: what failed and why, the errno, what to do; then exit."""
     name = errno.errorcode.get(exc.errno or 0, "?")
-    err_console.print(f"[red]luoctl:[/red] {exc.strerror or exc} ({name})", highlight=False)
-    sys.exit(1)
+    message = str(exc.strerror or exc)
+    hint = getattr(exc, "hint", "")
+    if hint and message.endswith(f"; {hint}"):
+        message = message[: -len(hint) - 2]
+    # click.echo, not rich: a message must never be wrapped, nor read as markup.
+    click.echo(f"luoctl: {message} ({name})" + (f"; {hint}" if hint else ""), err=True)
+    sys.exit(status)
+
+
+def _session_error(exc: liveupdate.LiveUpdateError, name: str, hint: str) -> OSError:
+    """``exc`` said of the session ``name`` (ENOENT, EACCES), else unchanged."""
+    if exc.errno == errno.ENOENT:
+        return error_from_errno(exc.errno, f"session {name!r}", "no such session", hint)
+    if exc.errno == errno.EACCES:
+        return error_from_errno(
+            exc.errno,
+            f"session {name!r}",
+            "it belongs to another user",
+            "run luoctl as its owner or as root",
+        )
+    return exc
 
 
 def _state_dict(info: StateInfo) -> dict[str, Any]:
@@ -64,7 +86,11 @@ def _state_dict(info: StateInfo) -> dict[str, Any]:
         "max_sessions": info.max_sessions,
         "max_files": info.max_files,
         "lost_sessions": info.lost_sessions,
+        "lost_incomplete": info.lost_incomplete,
         "last_error": info.last_error,
+        "journal_error": errno.errorcode.get(info.journal_error, str(info.journal_error))
+        if info.journal_error
+        else "",
     }
 
 
@@ -79,7 +105,8 @@ def _state_dict(info: StateInfo) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=10.0,
     show_default=True,
     help="Seconds to wait while the device is busy (another opener).",
@@ -106,8 +133,12 @@ def state(obj: Context) -> None:
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
-        if key == "last_error" and not value:
+        if key in ("last_error", "journal_error", "lost_incomplete") and not value:
             continue
+        if key == "journal_error":
+            value = f"{value}: cannot be written; if luod dies now, what it holds is lost"
+        elif key == "lost_incomplete":
+            value = "yes: the previous luod's journal was out of date, more may have been lost"
         table.add_row(key.replace("_", " "), str(value))
     console.print(table)
 
@@ -158,7 +189,8 @@ def finish(obj: Context) -> None:
 @click.option("--no-exec", is_flag=True, help="Start the next generation in-process (no exec).")
 @click.option(
     "--wait",
-    type=float,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=120.0,
     show_default=True,
     help="Seconds to wait for the next generation to serve.",
@@ -226,7 +258,8 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
 )
 @click.option(
     "--stop-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=10.0,
     show_default=True,
     help="Seconds to wait for the service to stop before SIGKILL.",
@@ -256,7 +289,7 @@ def run(
     LIVEUPDATE_NEXT_SESSION_FD when incoming): see liveupdate.inherited_session().
     SIGHUP or `luoctl update NAME` updates it: stop, hand over, start again.
     """
-    from liveupdate.cli.supervisor import Supervisor
+    from liveupdate.cli.supervisor import CommandError, Supervisor
 
     try:
         sig = signal.Signals[stop_signal if stop_signal.startswith("SIG") else "SIG" + stop_signal]
@@ -276,16 +309,24 @@ def run(
     )
     try:
         sys.exit(supervisor.run())
+    except CommandError as exc:
+        _fail(exc, exc.status)
     except OSError as exc:
         _fail(exc)
 
 
 def _outgoing_entry(dev: liveupdate.Device, name: str) -> dict[str, Any]:
-    entries: list[dict[str, Any]] = dev.list_sessions(name, files=False)["sessions"]
+    start = f"start its service with 'luoctl run --session {name} -- COMMAND'"
+    try:
+        entries: list[dict[str, Any]] = dev.list_sessions(name, files=False)["sessions"]
+    except liveupdate.LiveUpdateError as exc:
+        raise _session_error(exc, name, start) from None
     for entry in entries:
         if entry["direction"] == "outgoing":
             return entry
-    raise liveupdate.NotFoundError(errno.ENOENT, f"no outgoing session {name!r}")
+    raise error_from_errno(
+        errno.ENOENT, f"session {name!r}", "no outgoing session: no supervisor holds it", start
+    )
 
 
 def _is_supervisor(pid: int, name: str) -> bool:
@@ -299,7 +340,14 @@ def _is_supervisor(pid: int, name: str) -> bool:
 
 @main.command()
 @click.argument("name")
-@click.option("--wait", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait.",
+)
 @click.pass_obj
 def update(obj: Context, name: str, wait: float) -> None:
     """Update the service that `luoctl run --session NAME` supervises.
@@ -313,8 +361,11 @@ def update(obj: Context, name: str, wait: float) -> None:
             entry = _outgoing_entry(dev, name)
         pid = int(entry["pid"])
         if not _is_supervisor(pid, name):
-            raise liveupdate.NotFoundError(
-                errno.ESRCH, f"session {name!r} is not held by a `luoctl run` supervisor"
+            raise error_from_errno(
+                errno.ESRCH,
+                f"session {name!r}",
+                "not held by a `luoctl run` supervisor",
+                "`luoctl update` only updates services that `luoctl run` supervises",
             )
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + wait
@@ -346,7 +397,12 @@ def sessions(obj: Context, name: str | None) -> None:
     """List sessions (yours, or every one as root) and their files."""
     try:
         with obj.open() as dev:
-            doc = dev.list_sessions(name)
+            try:
+                doc = dev.list_sessions(name)
+            except liveupdate.LiveUpdateError as exc:
+                if name is None:
+                    raise
+                raise _session_error(exc, name, "see 'luoctl sessions'") from None
     except OSError as exc:
         _fail(exc)
     if obj.json:
@@ -394,19 +450,82 @@ def _data_text(compatible: str, data: bytes) -> str:
     return data.hex() if len(data) <= 32 else f"{len(data)} bytes"
 
 
+#: The largest image ``inspect`` reads unless told otherwise. A handover
+#: image of the default limits (4,096 sessions of small records) is a few
+#: MiB; anything far larger is not an image, or is better refused than read.
+INSPECT_MAX_SIZE = 64 << 20
+
+
+def _read_image(image: Path, max_size: int) -> bytes:
+    """The bytes of the regular file ``image``, at most ``max_size`` of them.
+
+    Anything else is refused before it is read: a device would be read
+    forever (``/dev/zero``), a FIFO would block. Symbolic links are followed:
+    luoctl runs with its caller's rights, and an operator may well name an
+    image through one. The type is checked on the path, so that no device is
+    even opened, then again on the opened fd, so that a file swapped in
+    between is caught; ``O_NONBLOCK`` keeps a FIFO swapped in from blocking
+    the open.
+    """
+    what = str(image)
+    try:
+        mode = os.stat(image).st_mode
+        if not stat.S_ISREG(mode):
+            raise error_from_errno(
+                errno.EINVAL, what, f"not a regular file ({file_kind(mode)})", _INSPECT_HINT
+            )
+        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except liveupdate.LiveUpdateError:
+        raise
+    except OSError as exc:
+        raise error_from_errno(exc.errno or errno.EIO, what) from None
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error_from_errno(
+                errno.EINVAL, what, f"not a regular file ({file_kind(st.st_mode)})", _INSPECT_HINT
+            )
+        # Read one byte more than allowed: a file that grew since fstat is caught too.
+        data = file.read(max_size + 1) if st.st_size <= max_size else b""
+        if st.st_size > max_size or len(data) > max_size:
+            raise error_from_errno(
+                errno.EFBIG,
+                what,
+                f"{max(st.st_size, len(data))} bytes is larger than --max-size {max_size}",
+                "a handover image is far smaller; raise --max-size to read it anyway",
+            )
+    return data
+
+
+_INSPECT_HINT = "give a handover image file, e.g. STATE_DIR/last-handover.dtb"
+
+
 @main.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=INSPECT_MAX_SIZE,
+    show_default=True,
+    metavar="BYTES",
+    help="Refuse an IMAGE larger than this.",
+)
 @click.pass_obj
-def inspect(obj: Context, image: Path) -> None:
+def inspect(obj: Context, image: Path, max_size: int) -> None:
     """Decode a handover IMAGE file (e.g. STATE_DIR/last-handover.dtb)."""
     # The one command that reads a core format directly: an image is a file,
     # not a device, and decoding it must work with no luod running.
-    from liveupdate.core.handover import HandoverError, decode_image, image_to_dict
+    from liveupdate.handover_abi import HandoverError
+    from liveupdate.handover_codec import decode_image, image_to_dict
 
     try:
-        decoded = decode_image(image.read_bytes())
+        raw = _read_image(image, max_size)
+    except OSError as exc:
+        _fail(exc)
+    try:
+        decoded = decode_image(raw)
     except HandoverError as exc:
-        err_console.print(f"[red]luoctl:[/red] {image}: {exc}", highlight=False)
+        click.echo(f"luoctl: {image}: {exc}", err=True)
         sys.exit(1)
     data = image_to_dict(decoded)
     # Each handler decodes its own freeze state (what it recorded at the reboot).

@@ -24,6 +24,7 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ from liveupdate.client.service import (
 )
 from liveupdate.paths import DEVICE_ENV, resolve_device
 
-__all__ = ["Supervisor"]
+__all__ = ["CommandError", "Supervisor"]
 
 #: Restarts allowed within ``_RESTART_WINDOW`` seconds before giving up.
 _RESTART_BURST = 5
@@ -84,6 +85,44 @@ def _drain_replies(fd: int, timeout: float = 10.0) -> None:
 def _exit_status(returncode: int) -> int:
     """A child's return code as a shell reports it (128 + signal when killed)."""
     return returncode if returncode >= 0 else 128 - returncode
+
+
+class CommandError(OSError):
+    """The service's COMMAND cannot be run; ``status`` is the shell's for it.
+
+    127 when it does not exist, 126 when it exists but cannot be executed,
+    as ``env``, ``timeout`` or a shell report them.
+    """
+
+    def __init__(self, err: int, message: str, hint: str) -> None:
+        super().__init__(err, f"{message}; {hint}")
+        self.hint = hint
+        self.status = 127 if err == errno.ENOENT else 126
+
+
+def command_error(program: str, err: int) -> CommandError:
+    """Why ``program`` cannot be run, naming it."""
+    if err == errno.ENOENT and os.sep not in program:
+        return CommandError(err, f"command {program!r}: not found in PATH", "give its full path")
+    if err == errno.ENOENT:
+        return CommandError(err, f"command {program!r}: no such file", "check COMMAND's path")
+    reason = "is a directory" if os.path.isdir(program) else os.strerror(err).lower()
+    return CommandError(err, f"command {program!r}: {reason}", "COMMAND must be an executable file")
+
+
+def check_command(argv: Sequence[str]) -> None:
+    """Refuse a COMMAND that cannot be run, before any session is touched.
+
+    Found out only at the exec, a typo would come after the session was
+    retrieved (and so finished when the supervisor gives up): state handed
+    over by a predecessor would be lost to a misspelt path.
+    """
+    program = argv[0]
+    if shutil.which(program) is not None:
+        return
+    if os.sep not in program or not os.path.lexists(program):
+        raise command_error(program, errno.ENOENT)
+    raise command_error(program, errno.EACCES)
 
 
 def _say(message: str) -> None:
@@ -227,9 +266,12 @@ class Supervisor:
             pass_fds.append(self.next.fileno())
         # The service dies with its supervisor: otherwise an orphan would keep
         # the session fds open and a new supervisor could not take over.
-        self.proc = subprocess.Popen(
-            self.argv, env=env, pass_fds=pass_fds, preexec_fn=_die_with_parent
-        )
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, env=env, pass_fds=pass_fds, preexec_fn=_die_with_parent
+            )
+        except OSError as exc:
+            raise command_error(self.argv[0], exc.errno or errno.ENOEXEC) from None
         _say(f"started pid {self.proc.pid} ({self.state})")
 
     def stop_service(self, sig: int) -> int:
@@ -267,6 +309,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         try:
+            check_command(self.argv)
             self.acquire()
             self.spawn()
             return self._loop(wake_r)

@@ -50,7 +50,27 @@ class HasFileno(Protocol):
 AnyTransport = KernelTransport | SocketTransport
 
 
+#: Tokens are u64: 0 <= token < 2**64.
+_TOKEN_LIMIT = 1 << 64
+
+
+def _token(token: int) -> int:
+    """``token`` checked to fit the ABI's u64 (ctypes would wrap it silently).
+
+    Raises :class:`TypeError` for a non-integer (``bool`` included) and
+    :class:`ValueError` naming the token when it is out of range.
+    """
+    if not isinstance(token, int) or isinstance(token, bool):
+        raise TypeError(f"token must be an int, not {type(token).__name__}")
+    if not 0 <= token < _TOKEN_LIMIT:
+        raise ValueError(f"token {token} is out of range: tokens are 0 <= token < 2**64")
+    return token
+
+
 def _name_bytes(name: str | bytes) -> bytes:
+    # bytes(5) would be five NUL bytes: anything but text or bytes is refused.
+    if not isinstance(name, (str, bytes, bytearray)):
+        raise TypeError(f"session name must be str or bytes, not {type(name).__name__}")
     raw = uapi.encode_name(name)
     if not raw or b"\0" in raw or len(raw) >= uapi.LIVEUPDATE_SESSION_NAME_LENGTH:
         raise InvalidArgumentError(
@@ -167,7 +187,11 @@ class Session(_FdObject):
 
         ``file`` is an fd or any object with ``fileno()``. The orchestrator
         holds its own reference; the caller may close its own afterwards.
+        ``token`` is a u64 (``0 <= token < 2**64``): anything else is a
+        :class:`ValueError` (out of range) or :class:`TypeError` (not an int),
+        raised before anything is sent.
         """
+        token = _token(token)
         fd = file if isinstance(file, int) else file.fileno()
         arg = uapi.liveupdate_session_preserve_fd(
             size=ctypes.sizeof(uapi.liveupdate_session_preserve_fd), fd=fd, token=token
@@ -181,7 +205,7 @@ class Session(_FdObject):
         The caller owns the fd (wrap it with :func:`os.fdopen` or ``socket.socket(fileno=...)``).
         """
         arg = uapi.liveupdate_session_retrieve_fd(
-            size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd), fd=-1, token=token
+            size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd), fd=-1, token=_token(token)
         )
         self.ioctl(uapi.LIVEUPDATE_SESSION_RETRIEVE_FD, arg)
         return int(arg.fd)
@@ -223,7 +247,7 @@ class Session(_FdObject):
     def unpreserve(self, token: int) -> None:
         """LUOD_SESSION_UNPRESERVE_FD: drop one file from an outgoing session."""
         arg = uapi.luod_session_unpreserve_fd(
-            size=ctypes.sizeof(uapi.luod_session_unpreserve_fd), token=token
+            size=ctypes.sizeof(uapi.luod_session_unpreserve_fd), token=_token(token)
         )
         self.ioctl(uapi.LUOD_SESSION_UNPRESERVE_FD, arg)
 
@@ -246,6 +270,10 @@ class StateInfo:
     max_files: int
     lost_sessions: int
     last_error: str
+    #: errno of the journal's last failed write (0: up to date, or no journal).
+    journal_error: int = 0
+    #: ``lost_sessions`` is a lower bound: the previous holder's journal was out of date.
+    lost_incomplete: bool = False
 
 
 class Device(_FdObject):
@@ -292,6 +320,8 @@ class Device(_FdObject):
             max_files=int(arg.max_files),
             lost_sessions=int(arg.lost_sessions),
             last_error=uapi.decode_name(arg.last_error).decode(errors="replace"),
+            journal_error=int(arg.journal_error),
+            lost_incomplete=bool(arg.flags & uapi.LUOD_STATE_LOST_INCOMPLETE),
         )
 
     def set_event(self, event: uapi.LuodEvent, flags: int = 0) -> int:

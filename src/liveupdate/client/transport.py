@@ -20,7 +20,7 @@ import time
 from typing import Protocol
 
 from liveupdate import uapi, wire
-from liveupdate.client.errors import LiveUpdateError, error_from_errno
+from liveupdate.client.errors import LiveUpdateError, call_error, error_from_errno, file_kind
 
 __all__ = ["KernelTransport", "SocketTransport", "Transport", "transport_for_fd"]
 
@@ -66,7 +66,11 @@ class KernelTransport:
         try:
             return os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise error_from_errno(exc.errno or errno.EIO, f"open {path}") from None
+            err = exc.errno or errno.EIO
+            what = f"open {path}"
+            if err == errno.EACCES:
+                what += " (the kernel's device is root-only)"
+            raise error_from_errno(err, what) from None
 
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
         view = _as_bytes_view(buf)
@@ -79,7 +83,7 @@ class KernelTransport:
             # mutate_flag=True: the kernel's writes land in the caller's buffer.
             return int(fcntl.ioctl(fd, cmd, view, True))
         except OSError as exc:
-            raise error_from_errno(exc.errno or errno.EIO, _ioctl_name(cmd)) from None
+            raise call_error(cmd, exc.errno or errno.EIO, view) from None
 
 
 class SocketTransport:
@@ -110,13 +114,16 @@ class SocketTransport:
             raise error_from_errno(errno.ETIMEDOUT, f"open {path}: no answer from luod") from None
         except OSError as exc:
             sock.close()
-            err = exc.errno or errno.EIO
-            what = f"open {path}"
-            if err in (errno.ENOENT, errno.ECONNREFUSED):
-                what += " (is luod running? start it with `luod` or set LIVEUPDATE_DEVICE)"
-            raise error_from_errno(err, what) from None
+            raise _open_error(path, exc.errno or errno.EIO) from None
         if status < 0:
             sock.close()
+            if -status == errno.EBUSY:
+                raise error_from_errno(
+                    errno.EBUSY,
+                    f"open {path}",
+                    "another process has the device open (one opener at a time)",
+                    "retry once it has closed it",
+                )
             raise error_from_errno(-status, f"open {path}")
         return sock.detach()
 
@@ -186,7 +193,7 @@ class SocketTransport:
             except wire.FramingError as exc:
                 raise error_from_errno(exc.errno, f"{what}: {exc}") from None
             if ret < 0:
-                raise error_from_errno(-ret, what)
+                raise call_error(cmd, -ret, view)
             view[: len(out)] = out
             if info is not None and info.fd_out:
                 if len(received) != 1:
@@ -197,6 +204,41 @@ class SocketTransport:
             return ret
         finally:
             wire.close_fds(received)
+
+
+def _open_error(path: str, err: int) -> LiveUpdateError:
+    """Why connecting to luod's socket at ``path`` failed, and what to do about it.
+
+    ``connect(2)`` answers ECONNREFUSED both for a socket nobody listens on
+    and for a path that is no socket at all: the path's type tells them apart.
+    """
+    where = f"open {path}"
+    give = "give luod's socket with --socket or LIVEUPDATE_DEVICE"
+    if err == errno.ENOENT:
+        return error_from_errno(
+            err, where, f"luod is not running at {path}", f"start luod, or {give}"
+        )
+    if err == errno.EACCES:
+        return error_from_errno(
+            err,
+            where,
+            "this user may not use luod's socket",
+            "luod's --socket-mode and --socket-group say who may",
+        )
+    if err == errno.ECONNREFUSED:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            return error_from_errno(err, where, f"not a socket but a {file_kind(mode)}", give)
+        return error_from_errno(
+            err,
+            where,
+            "nothing listens on this socket (left behind by a stopped luod)",
+            "start luod",
+        )
+    return error_from_errno(err, where)
 
 
 def _ioctl_name(cmd: int) -> str:

@@ -68,6 +68,8 @@ class PreservedFile:
     #: The session holding it (a ``Session``; typed loosely to keep this
     #: module free of the session concept).
     session: Any = None
+    #: Bytes charged to its owner's memory quota (:meth:`FileHandler.charged_bytes`).
+    charge: int = 0
 
     def release(self) -> None:
         """Drop the orchestrator's reference (idempotent)."""
@@ -101,6 +103,13 @@ class FileHandler(ABC):
         master) overrides it with something that tells them apart.
         """
         return file_key(fd, st)
+
+    def charged_bytes(self, fd: int, st: os.stat_result) -> int:
+        """Memory this file keeps pinned while luod holds it, charged to the
+        owner's ``--max-memfd-bytes-per-uid`` quota; measured once, when it is
+        preserved. The default, 0, is for files whose memory is not pinned
+        by holding them (a file on disk, a socket)."""
+        return 0
 
     def preserve(self, file: PreservedFile) -> None:
         """The file joins an outgoing session."""

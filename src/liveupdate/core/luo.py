@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +31,20 @@ from liveupdate.core.session import (
     hand_over,
     may_access,
     parse_name,
+    quota_exempt,
     unpreserve_all,
 )
 from liveupdate.dispatch import IoctlOp
 
-__all__ = ["DEVICE_OPS", "DeviceCall", "Limits", "LuoState", "Orchestrator"]
+__all__ = [
+    "DEVICE_OPS",
+    "DeviceCall",
+    "Limits",
+    "LuoState",
+    "Orchestrator",
+    "Usage",
+    "is_privileged",
+]
 
 log = logging.getLogger("liveupdate.luo")
 
@@ -44,12 +54,54 @@ Direction = uapi.SessionDirection
 LuoState = uapi.LuodState
 
 
+#: One MiB, for the defaults below.
+_MIB = 1 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Configurable limits; every preserved file and session costs luod an fd."""
+    """Configurable limits and the access policy (``docs/security.md``).
+
+    Every preserved file and session costs luod an fd. The ``*_per_uid``
+    quotas bound what one uid can make luod hold (outgoing sessions and
+    unfinished incoming ones, with their files), so that one user cannot
+    starve the others; 0 disables a quota. uid 0 and luod's own uid are
+    exempt: they can stop luod anyway. ``fd_reserve`` fds of luod's table
+    are kept free for its own work (a reboot needs some), whoever asks.
+    """
 
     max_sessions: int = 4096
     max_files: int = 1024
+    max_sessions_per_uid: int = 1024
+    max_files_per_uid: int = 4096
+    #: Bytes of memfd (size at preserve time) one uid may have preserved.
+    max_memfd_bytes_per_uid: int = 4096 * _MIB
+    fd_reserve: int = 64
+    #: Members of this group (primary or supplementary) may drive the state
+    #: machine like root; ``None``: root and luod's own uid only.
+    admin_gid: int | None = None
+
+
+@dataclass
+class Usage:
+    """What luod holds for one uid (the quotas' measure)."""
+
+    sessions: int = 0
+    files: int = 0
+    memfd_bytes: int = 0
+
+
+def is_privileged(owner: Owner, limits: Limits) -> bool:
+    """Who may drive the state machine: uid 0, luod's own uid, the admin group."""
+    if owner.uid in (0, os.geteuid()):
+        return True
+    gid = limits.admin_gid
+    return gid is not None and (owner.gid == gid or gid in owner.groups)
+
+
+#: A held fd costs luod an fd: counting its table exactly is costly (a
+#: directory listing), so it is only done once this close to the limit.
+_FD_COUNT_MARGIN = 256
 
 
 @dataclass
@@ -92,8 +144,10 @@ class Orchestrator:
         self.outgoing: dict[bytes, Session] = {}
         #: Incoming sessions by name, in the previous generation's order.
         self.incoming: dict[bytes, Session] = {}
-        #: Every file that counts as preserved, by identity.
-        self.preserved: dict[FileKey, PreservedFile] = {}
+        #: Every file that counts as preserved, by identity: each holder
+        #: (a file in an outgoing session, or retrieved from an unfinished
+        #: incoming one) until it lets go; the file is free once none is left.
+        self.preserved: dict[FileKey, list[PreservedFile]] = {}
         #: Why the incoming image could not be restored; opens then fail EIO.
         self.restore_error: str | None = None
         #: Called with the new state whenever it changes (luod's state file).
@@ -106,6 +160,10 @@ class Orchestrator:
         self.last_error = ""
         #: Sessions reported lost at start because the previous holder died.
         self.lost_sessions = 0
+        #: The previous holder's journal was out of date: ``lost_sessions`` is a lower bound.
+        self.lost_incomplete = False
+        #: errno of the journal's last failed write (0: written, or no journal).
+        self.journal_error = 0
         #: The transport's check "has this session's fd been closed? then
         #: release it now" (see :meth:`released_meanwhile`).
         self.reap: Callable[[Session], bool] | None = None
@@ -147,8 +205,105 @@ class Orchestrator:
         if self.restore_error is not None:
             raise OSError(errno.EIO, f"incoming handover state unusable: {self.restore_error}")
 
+    # -- what is held, by whom -------------------------------------------------
+
+    def holders(self, key: FileKey) -> list[PreservedFile]:
+        """The files of identity ``key`` that count as preserved now."""
+        return self.preserved.get(key, [])
+
+    def hold(self, file: PreservedFile) -> None:
+        """``file`` counts as preserved (idempotent)."""
+        held = self.preserved.setdefault(file.key, [])
+        if not any(h is file for h in held):
+            held.append(file)
+
+    def let_go(self, file: PreservedFile) -> None:
+        """``file`` no longer counts as preserved; others of its identity still may."""
+        held = self.preserved.get(file.key)
+        if held is None:
+            return
+        held[:] = [h for h in held if h is not file]
+        if not held:
+            del self.preserved[file.key]
+
+    def held_sessions(self) -> list[Session]:
+        """Every session luod holds for somebody: outgoing, and unfinished incoming."""
+        return [
+            *self.outgoing.values(),
+            *(s for s in self.incoming.values() if not s.finished),
+        ]
+
+    def usage(self, uid: int) -> Usage:
+        """What luod holds for ``uid`` now (computed, so it can never drift)."""
+        usage = Usage()
+        for session in self.held_sessions():
+            if session.owner.uid == uid:
+                usage.sessions += 1
+                usage.files += len(session.files)
+                usage.memfd_bytes += sum(f.charge for f in session.files.values())
+        return usage
+
+    def check_fd_reserve(self) -> None:
+        """``EMFILE`` when holding one more fd would eat into luod's reserve.
+
+        The reserve keeps a reboot (image, pre-flight pipes, exec) and the
+        operator's own device connection possible however much is held.
+        """
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        # A quarter of the table at most: a tiny RLIMIT_NOFILE stays usable.
+        reserve = min(self.limits.fd_reserve, soft // 4)
+        if reserve <= 0:
+            return
+        # Sessions and files each cost one fd; a few more are luod's own.
+        estimate = sum(1 + len(s.files) for s in self.held_sessions())
+        if estimate + reserve + _FD_COUNT_MARGIN < soft:
+            return
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+        if in_use + reserve >= soft:
+            raise OSError(
+                errno.EMFILE,
+                f"luod holds {in_use} fds of {soft}; the last {reserve} are kept for "
+                "its own work (a reboot)",
+            )
+
+    def _check_session_quota(self, owner: Owner) -> None:
+        quota = self.limits.max_sessions_per_uid
+        if quota <= 0 or quota_exempt(owner):
+            return
+        if self.usage(owner.uid).sessions >= quota:
+            for session in list(self.outgoing.values()):
+                if session.owner.uid == owner.uid:
+                    self.released_meanwhile(session)
+            if self.usage(owner.uid).sessions >= quota:
+                raise OSError(errno.ENOMEM, f"uid {owner.uid} holds {quota} sessions (its quota)")
+
+    def _waiting_clash(self, name: bytes, owner: Owner) -> None:
+        """``EEXIST`` when a session handed over under ``name`` waits for its
+        successor and the caller is not its owner (nor root).
+
+        Both would be incoming after the reboot, which therefore refuses
+        such a clash: refused here, another user can never block every
+        reboot this way. The owner may create the name (a successor such as
+        ``luoctl run`` creates before it retrieves); the reboot still checks.
+        """
+        waiting = self.incoming.get(name)
+        if waiting is None or not waiting.handed_over or waiting.retrieved:
+            return
+        if waiting.finished or may_access(waiting, owner):
+            return
+        raise OSError(
+            errno.EEXIST,
+            "a session handed over under this name waits for its successor",
+        )
+
     def create_session(self, name: bytes, owner: Owner) -> Session:
-        """A new outgoing session; checks: name, limit (``ENOMEM``), ``EEXIST``."""
+        """A new outgoing session.
+
+        Checks: name, limit (``ENOMEM``), per-uid quota (``ENOMEM``), fd
+        reserve (``EMFILE``), name in use (``EEXIST``).
+        """
         if self.state == LuoState.FROZEN:
             raise OSError(errno.EBUSY, "a live update is in progress")
         if len(self.outgoing) >= self.limits.max_sessions:
@@ -156,9 +311,12 @@ class Orchestrator:
                 self.released_meanwhile(session)
             if len(self.outgoing) >= self.limits.max_sessions:
                 raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
+        self._check_session_quota(owner)
+        self.check_fd_reserve()
         existing = self.outgoing.get(name)
         if existing is not None and not self.released_meanwhile(existing):
             raise OSError(errno.EEXIST, "an outgoing session already has this name")
+        self._waiting_clash(name, owner)
         session = Session(name, Direction.OUTGOING, owner)
         self.outgoing[name] = session
         self.mutations += 1

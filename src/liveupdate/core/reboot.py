@@ -26,9 +26,14 @@ from collections.abc import Callable
 
 from liveupdate import uapi
 from liveupdate.core.file import HandlerRegistry, PreservedFile
-from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.core.session import Owner, Session
+from liveupdate.handover_abi import (
+    IMAGE_FLAG_AWAITING_SUCCESSOR,
+    FileRecord,
+    HandoverImage,
+    SessionRecord,
+)
 
 __all__ = [
     "FreezeHook",
@@ -42,12 +47,6 @@ __all__ = [
 
 #: Called after each file's freeze (fault injection in tests, progress).
 FreezeHook = Callable[[PreservedFile], None]
-
-
-#: Image-only session flag: handed over by a per-session update or
-#: keep-on-close and still waiting for its successor (kept across reboots).
-#: Bit 31, far from the ABI's LUOD_SESSION_* flags, never visible to clients.
-IMAGE_FLAG_AWAITING_SUCCESSOR = 1 << 31
 
 
 def session_record(session: Session) -> SessionRecord:
@@ -174,7 +173,13 @@ def restore(
                     f"inherited fd {rec.fd} is not open",
                 ) from None
             file = PreservedFile(
-                rec.token, handler, rec.fd, handler.file_key(rec.fd, st), rec.data, session=session
+                rec.token,
+                handler,
+                rec.fd,
+                handler.file_key(rec.fd, st),
+                rec.data,
+                session=session,
+                charge=handler.charged_bytes(rec.fd, st),
             )
             try:
                 handler.restore(file)

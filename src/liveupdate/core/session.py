@@ -28,7 +28,7 @@ from liveupdate.dispatch import IoctlOp
 if TYPE_CHECKING:
     from liveupdate.core.luo import Orchestrator
 
-__all__ = ["SESSION_OPS", "Owner", "Session", "SessionCall", "parse_name"]
+__all__ = ["SESSION_OPS", "Owner", "Session", "SessionCall", "parse_name", "quota_exempt"]
 
 Direction = uapi.SessionDirection
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -36,11 +36,22 @@ _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 @dataclass(frozen=True)
 class Owner:
-    """Credentials of the process that created a session (``SO_PEERCRED``)."""
+    """Credentials of the process that created a session (``SO_PEERCRED``).
+
+    ``groups``: the peer's supplementary groups when the transport knows them
+    (``SO_PEERGROUPS``, taken at connect time like the rest); not kept in
+    the handover image.
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
+
+
+def quota_exempt(owner: Owner) -> bool:
+    """uid 0 and luod's own uid are not held to the per-uid quotas."""
+    return owner.uid in (0, os.geteuid())
 
 
 def parse_name(field_: ctypes.Array[ctypes.c_uint8]) -> bytes:
@@ -141,37 +152,60 @@ def preserve_file(
     """Add the fd in ``fds_in`` to ``session`` under ``token``.
 
     Checks in Linux 7.3's order: EEXIST, ENOSPC, EBADF, ENOENT, EBUSY, then
-    the handler's own error. On success the fd leaves ``fds_in``: the
-    orchestrator now owns it.
+    the handler's own error; luod's quotas and fd reserve fit in between
+    (``docs/security.md``): the owner's file quota (``ENOSPC``) with the
+    session's, luod's fd reserve (``EMFILE``) once the fd is known usable,
+    the owner's memfd bytes (``ENOSPC``) once the file is known free. On
+    success the fd leaves ``fds_in``: the orchestrator now owns it.
     """
     if token in session.files:
         raise OSError(errno.EEXIST, f"token {token:#x} already used in this session")
     if len(session.files) >= luo.limits.max_files:
         raise OSError(errno.ENOSPC, f"session holds {luo.limits.max_files} files")
+    # Charged to the session's owner, whoever holds its fd.
+    owner = session.owner
+    usage = None if quota_exempt(owner) else luo.usage(owner.uid)
+    file_quota = luo.limits.max_files_per_uid
+    if usage is not None and file_quota > 0 and usage.files >= file_quota:
+        # Sessions of its own closed a moment ago may not be released yet.
+        for other in list(luo.outgoing.values()):
+            if other.owner.uid == owner.uid and other is not session:
+                luo.released_meanwhile(other)
+        usage = luo.usage(owner.uid)
+        if usage.files >= file_quota:
+            raise OSError(errno.ENOSPC, f"uid {owner.uid} holds {file_quota} files (its quota)")
     fd, st = _usable_fd(fds_in)
+    luo.check_fd_reserve()
     registry: HandlerRegistry = luo.registry
     handler = registry.find(fd, st)
     key: FileKey = handler.file_key(fd, st)
-    holder = luo.preserved.get(key)
-    if holder is not None and holder.session is not None and holder.session is not session:
-        # Its session's fd may have been closed a moment ago and not be
-        # released yet (closing is asynchronous over a socket).
-        luo.released_meanwhile(holder.session)
-    if key in luo.preserved:
+    for holder in list(luo.holders(key)):
+        if holder.session is not None and holder.session is not session:
+            # Its session's fd may have been closed a moment ago and not be
+            # released yet (closing is asynchronous over a socket).
+            luo.released_meanwhile(holder.session)
+    if luo.holders(key):
         raise OSError(errno.EBUSY, "this file is already preserved")
-    file = PreservedFile(token, handler, fd, key, session=session)
+    charge = handler.charged_bytes(fd, st)
+    byte_quota = luo.limits.max_memfd_bytes_per_uid
+    if usage is not None and byte_quota > 0 and charge and usage.memfd_bytes + charge > byte_quota:
+        raise OSError(
+            errno.ENOSPC,
+            f"uid {owner.uid} would hold {usage.memfd_bytes + charge} bytes of memfd, "
+            f"over its quota of {byte_quota}",
+        )
+    file = PreservedFile(token, handler, fd, key, session=session, charge=charge)
     handler.preserve(file)
     fds_in.remove(fd)
     session.files[token] = file
-    luo.preserved[key] = file
+    luo.hold(file)
     luo.mutations += 1
     return file
 
 
 def _forget(luo: Orchestrator, file: PreservedFile) -> None:
     """The file no longer counts as preserved; luod drops its reference."""
-    if luo.preserved.get(file.key) is file:
-        del luo.preserved[file.key]
+    luo.let_go(file)
     file.release()
 
 
@@ -199,8 +233,9 @@ def retrieve_file(luo: Orchestrator, session: Session, token: int) -> int:
             file.retrieve_errno = exc.errno or errno.EIO
             raise
         file.retrieved = True
-        # From now on the file counts as preserved until FINISH (C21).
-        luo.preserved.setdefault(file.key, file)
+        # From now on the file counts as preserved until FINISH (C21), even
+        # if another session preserved it meanwhile and lets go first.
+        luo.hold(file)
     return os.dup(file.fd)
 
 
@@ -258,7 +293,7 @@ def hand_over(luo: Orchestrator, session: Session, replace: bool = False) -> Non
     if luo.outgoing.get(session.name) is session:
         del luo.outgoing[session.name]
     for file in session.files.values():
-        luo.preserved.pop(file.key, None)
+        luo.let_go(file)  # waiting, not retrieved: it counts again once retrieved
     session.direction = Direction.INCOMING
     session.retrieved = False
     session.finished = False
@@ -327,6 +362,8 @@ def _unpreserve_fd(call: SessionCall, arg: ctypes.Structure) -> None:
     assert isinstance(arg, uapi.luod_session_unpreserve_fd)
     if arg.reserved:
         raise OSError(errno.EINVAL, "reserved must be 0")
+    if not may_access(call.session, call.caller):
+        raise OSError(errno.EACCES, "only the session's owner or root may unpreserve its files")
     unpreserve_file(call.luo, call.session, arg.token)
 
 

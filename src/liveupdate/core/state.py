@@ -25,10 +25,10 @@ from typing import Protocol
 from liveupdate import uapi
 from liveupdate.core import reboot
 from liveupdate.core.file import PreservedFile
-from liveupdate.core.handover import HandoverImage
-from liveupdate.core.luo import DeviceCall, Orchestrator
-from liveupdate.core.session import finish_session
+from liveupdate.core.luo import DeviceCall, Orchestrator, is_privileged
+from liveupdate.core.session import Owner, finish_session
 from liveupdate.dispatch import IoctlOp
+from liveupdate.handover_abi import HandoverImage
 
 __all__ = ["STATE_OPS", "RebootHost", "finish_all", "prepare", "start_reboot"]
 
@@ -103,6 +103,8 @@ def _check_names(luo: Orchestrator) -> None:
     """
     waiting = {s.name for s in reboot.handed_over_sessions(luo) if s.handed_over}
     for name in luo.outgoing:
+        # CREATE_SESSION refuses such a name to anyone but the waiting
+        # session's owner (and root): only they can be in this situation.
         if name in waiting:
             shown = name.decode(errors="backslashreplace")
             raise OSError(
@@ -149,13 +151,19 @@ def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
     luo.last_error = ""
 
 
-def finish_all(luo: Orchestrator) -> None:
+def finish_all(luo: Orchestrator, owner: Owner | None = None) -> None:
     """FINISH: finish every incoming session; all-or-nothing on refusals.
 
+    With ``owner`` (an unprivileged caller), only the incoming sessions that
+    ``owner``'s uid owns: nobody discards another user's state.
     Sessions never retrieved are released at once (their names then give
     ENOENT); retrieved ones stay until their fd closes, finished.
     """
-    sessions = [s for s in luo.incoming.values() if not s.finished]
+    sessions = [
+        s
+        for s in luo.incoming.values()
+        if not s.finished and (owner is None or s.owner.uid == owner.uid)
+    ]
     for session in sessions:
         for file in session.files.values():
             if not file.handler.can_finish(file):
@@ -188,6 +196,8 @@ def _get_state(call: DeviceCall, arg: ctypes.Structure) -> None:
     arg.max_sessions = luo.limits.max_sessions
     arg.max_files = luo.limits.max_files
     arg.lost_sessions = luo.lost_sessions
+    arg.journal_error = luo.journal_error
+    arg.flags = uapi.LUOD_STATE_LOST_INCOMPLETE if luo.lost_incomplete else 0
     text = luo.last_error.encode(errors="replace")[: uapi.LUOD_ERROR_LENGTH - 1]
     ctypes.memmove(arg.last_error, text, len(text))
 
@@ -204,6 +214,14 @@ def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
     if arg.flags and event != Event.REBOOT:
         raise OSError(errno.EINVAL, "flags are only valid with REBOOT")
     luo = call.luo
+    privileged = is_privileged(call.owner, luo.limits)
+    if event != Event.FINISH and not privileged:
+        # Checked before last_error is touched: a refused caller changes nothing.
+        raise OSError(
+            errno.EACCES,
+            f"uid {call.owner.uid} may not {event.name.lower()} a live update "
+            "(root, luod's user or its --admin-group only)",
+        )
     luo.last_error = ""  # the reason of *this* event's failure, if any
     arg.generation = luo.generation
     if event == Event.PREPARE:
@@ -213,7 +231,7 @@ def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
     elif event == Event.REBOOT:
         start_reboot(luo, _host(call), bool(arg.flags & uapi.LUOD_REBOOT_NO_EXEC))
     else:
-        finish_all(luo)
+        finish_all(luo, None if privileged else call.owner)
 
 
 #: The state machine's device ioctls.

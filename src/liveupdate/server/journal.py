@@ -12,26 +12,34 @@ reports every session in it as lost, like a crash in the middle of a reboot.
 The interval bounds the cost (an image of 2000 sessions takes ~0.15 s to
 encode) at the price of freshness: a session created less than one interval
 before a crash may be missing from the report.
+
+A journal that cannot be written (a full disk) is not only logged: its errno
+is reported by ``GET_STATE`` (``journal_error``) until a write succeeds
+again, and an empty marker file (``journal-stale``, which needs no data
+blocks) says so on disk, so that a start after a crash reports its loss
+report as incomplete instead of silently under-counting.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
-from pathlib import Path
 
 from liveupdate.core.handover import HandoverImage, SessionRecord, encode_image
 from liveupdate.core.luo import Orchestrator
 from liveupdate.core.reboot import session_record
-from liveupdate.server.files import write_atomic
 from liveupdate.server.logs import event
+from liveupdate.server.safefs import StateDir
 
-__all__ = ["JOURNAL_NAME", "Journal"]
+__all__ = ["INCOMING_JOURNAL_NAME", "JOURNAL_NAME", "STALE_JOURNAL_NAME", "Journal"]
 
 JOURNAL_NAME = "journal.dtb"
 #: Incoming sessions go into their own image: an outgoing and an incoming
 #: session may share a name, and one image holds each name once.
 INCOMING_JOURNAL_NAME = "journal-incoming.dtb"
+#: Present while the journals on disk may be older than what luod holds.
+STALE_JOURNAL_NAME = "journal-stale"
 
 
 class Journal:
@@ -39,9 +47,8 @@ class Journal:
     ``journal-incoming.dtb`` (unfinished incoming ones) in step with the
     orchestrator."""
 
-    def __init__(self, state_dir: str, interval: float, writer: str = "") -> None:
-        self.path = Path(state_dir) / JOURNAL_NAME
-        self.incoming_path = Path(state_dir) / INCOMING_JOURNAL_NAME
+    def __init__(self, state_dir: StateDir | str, interval: float, writer: str = "") -> None:
+        self.dir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
         self.interval = interval
         self.writer = writer
         self._seen: tuple[int, int] | None = None
@@ -49,6 +56,8 @@ class Journal:
         # update the handover image (or nothing) already describes the state,
         # and the first clients should not wait for an encode.
         self._last_write = time.monotonic()
+        #: errno of the last failed write, 0 once a write succeeds (GET_STATE's journal_error).
+        self.error = 0
 
     @property
     def enabled(self) -> bool:
@@ -69,26 +78,58 @@ class Journal:
         mark = (id(luo), luo.mutations)
         if not self.enabled or mark == self._seen:
             return
-        self._seen = mark
         self._last_write = time.monotonic()
         incoming = [s for s in luo.incoming.values() if not s.finished]
-        for path, sessions in (
-            (self.path, list(luo.outgoing.values())),
-            (self.incoming_path, incoming),
+        error = 0
+        for name, sessions in (
+            (JOURNAL_NAME, list(luo.outgoing.values())),
+            (INCOMING_JOURNAL_NAME, incoming),
         ):
-            self._write(path, luo.generation, [session_record(s) for s in sessions])
+            records = [session_record(s) for s in sessions]
+            error = self._write(name, luo.generation, records) or error
+        self._set_error(error)
+        luo.journal_error = error
+        # A failed write is retried at the next tick (one interval later).
+        self._seen = None if error else mark
 
-    def _write(self, path: Path, generation: int, records: list[SessionRecord]) -> None:
+    def _write(self, name: str, generation: int, records: list[SessionRecord]) -> int:
+        """Write one journal; the errno on failure, else 0."""
         try:
             if records:
                 image = HandoverImage(generation, records, writer=self.writer)
-                write_atomic(path, encode_image(image))
+                self.dir.write_atomic(name, encode_image(image))
             else:
-                path.unlink(missing_ok=True)
+                self.dir.unlink(name)
         except (OSError, ValueError) as exc:
-            event("journal-failed", logging.WARNING, path=str(path), error=str(exc))
+            event(
+                "journal-failed",
+                logging.ERROR,
+                path=self.dir.show(name),
+                error=str(exc),
+                consequence="if luod dies now, what it holds is lost without a full report",
+            )
+            return (exc.errno if isinstance(exc, OSError) else None) or errno.EIO
+        return 0
+
+    def _set_error(self, error: int) -> None:
+        if error == self.error:
+            return
+        self.error = error
+        try:
+            if error:
+                self.dir.create_empty(STALE_JOURNAL_NAME)
+            else:
+                self.dir.unlink(STALE_JOURNAL_NAME)
+                event("journal-recovered")
+        except OSError as exc:
+            event(
+                "journal-failed",
+                logging.ERROR,
+                path=self.dir.show(STALE_JOURNAL_NAME),
+                error=str(exc),
+            )
 
     def remove(self) -> None:
         """A clean stop: the sessions were released on purpose."""
-        self.path.unlink(missing_ok=True)
-        self.incoming_path.unlink(missing_ok=True)
+        for name in (JOURNAL_NAME, INCOMING_JOURNAL_NAME, STALE_JOURNAL_NAME):
+            self.dir.unlink(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import grp
+import logging
 import os
 import resource
 import shutil
@@ -18,6 +19,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -28,12 +30,16 @@ from liveupdate.server import systemd
 from liveupdate.server.journal import Journal
 from liveupdate.server.logs import event, setup_logging
 from liveupdate.server.reboot import (
+    IMAGE_NAME,
+    MARKER_NAME,
     Faults,
     Rebooter,
-    report_lost,
+    child_environment,
+    find_lost,
     restore_from_image,
 )
 from liveupdate.server.reboot import check_image as check_image_main
+from liveupdate.server.safefs import StateDir, UnsafePathError
 from liveupdate.server.transport import DeviceServer
 
 __all__ = ["Config", "main", "raise_nofile_limit"]
@@ -56,6 +62,12 @@ class Config:
     state_file: str = ""
     max_sessions: int = Limits.max_sessions
     max_files: int = Limits.max_files
+    max_sessions_per_uid: int = Limits.max_sessions_per_uid
+    max_files_per_uid: int = Limits.max_files_per_uid
+    max_memfd_bytes_per_uid: int = Limits.max_memfd_bytes_per_uid
+    fd_reserve: int = Limits.fd_reserve
+    #: ``--admin-group``, resolved to a gid once (the next generation gets the number).
+    admin_gid: int | None = None
     log_format: str = "human"
     log_level: str = "info"
     #: The listener came from systemd (kept across re-execs: never unlink it).
@@ -73,7 +85,15 @@ class Config:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_sessions, self.max_files)
+        return Limits(
+            max_sessions=self.max_sessions,
+            max_files=self.max_files,
+            max_sessions_per_uid=self.max_sessions_per_uid,
+            max_files_per_uid=self.max_files_per_uid,
+            max_memfd_bytes_per_uid=self.max_memfd_bytes_per_uid,
+            fd_reserve=self.fd_reserve,
+            admin_gid=self.admin_gid,
+        )
 
     def to_args(self) -> list[str]:
         """The options that reproduce this configuration (for the next generation)."""
@@ -84,12 +104,18 @@ class Config:
             "--state-file", self.state_file,
             "--max-sessions", str(self.max_sessions),
             "--max-files", str(self.max_files),
+            "--max-sessions-per-uid", str(self.max_sessions_per_uid),
+            "--max-files-per-uid", str(self.max_files_per_uid),
+            "--max-memfd-bytes-per-uid", str(self.max_memfd_bytes_per_uid),
+            "--fd-reserve", str(self.fd_reserve),
             "--log-format", self.log_format,
             "--log-level", self.log_level,
             "--journal-interval", str(self.journal_interval),
         ]  # fmt: skip
         if self.socket_group is not None:
             args += ["--socket-group", self.socket_group]
+        if self.admin_gid is not None:
+            args += ["--admin-group", str(self.admin_gid)]
         if self.exec_argv:
             args += ["--exec", self.exec_argv[0]]
         if self.socket_activated:
@@ -112,33 +138,37 @@ def _gid(group: str) -> int:
         return grp.getgrnam(group).gr_gid
 
 
-def check_private_dir(path: str) -> None:
-    """Refuse a directory another user could plant a socket or an image in."""
-    st = os.stat(path)
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-        raise StartupError(
-            f"{path} is owned by uid {st.st_uid} or writable by others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it"
-        )
+def _admin_gid(group: str | None) -> int | None:
+    """``--admin-group``'s gid; an unknown group name is a usage error."""
+    if group is None:
+        return None
+    try:
+        return _gid(group)
+    except KeyError:
+        raise click.BadParameter(f"no group {group!r}", param_hint="--admin-group") from None
 
 
-def acquire_lock(state_dir: str) -> int:
+def acquire_lock(state_dir: StateDir) -> int:
     """Take ``luod.lock`` in the state directory, or fail if a live luod holds it."""
-    path = os.path.join(state_dir, "luod.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = state_dir.open_lock("luod.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StartupError(f"another luod holds {path}") from None
+        raise StartupError(f"another luod holds {state_dir.show('luod.lock')}") from None
     return fd
 
 
-def bind_listener(config: Config) -> socket.socket:
-    """Create the device socket, replacing a stale socket file but never a live one."""
+def bind_listener(config: Config, socket_dir: StateDir) -> socket.socket:
+    """Create the device socket, replacing a stale socket file but never a live one.
+
+    ``socket_dir`` is the socket's directory, checked: nobody else can swap
+    it, so binding by path lands in it.
+    """
     path = config.socket_path
+    name = os.path.basename(path)
     try:
-        st = os.lstat(path)
+        st = os.lstat(name, dir_fd=socket_dir.fd)
     except FileNotFoundError:
         pass
     else:
@@ -150,7 +180,7 @@ def bind_listener(config: Config) -> socket.socket:
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise StartupError(f"cannot check {path}: {exc.strerror}") from None
-            os.unlink(path)  # nobody listens: a leftover of a dead daemon
+            os.unlink(name, dir_fd=socket_dir.fd)  # nobody listens: a dead daemon's
             event("stale-socket-removed", path=path)
         else:
             raise StartupError(f"a daemon is already serving {path}")
@@ -164,30 +194,23 @@ def bind_listener(config: Config) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old_umask)
-    os.chmod(path, config.socket_mode)
+    os.chmod(name, config.socket_mode, dir_fd=socket_dir.fd, follow_symlinks=False)
     if config.socket_group is not None:
-        os.chown(path, -1, _gid(config.socket_group))
+        os.chown(name, -1, _gid(config.socket_group), dir_fd=socket_dir.fd, follow_symlinks=False)
     sock.listen(socket.SOMAXCONN)
     return sock
 
 
-def write_state_file(path: str, state: LuoState) -> None:
-    """Replace the state file atomically with ``normal``/``prepared``/...
+def write_state_file(directory: StateDir, name: str, state: LuoState) -> None:
+    """Replace the state file atomically with ``normal``/``prepared``/... (mode 0644).
 
     The file only mirrors the state for watchers: failing to write it is
     logged, never allowed to interrupt a state change.
     """
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(state.name.lower() + "\n")
-        os.replace(tmp, path)
+        directory.write_atomic(name, state.name.lower().encode() + b"\n", 0o644)
     except OSError as exc:
-        event("state-file-failed", 30, path=path, error=exc.strerror)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        event("state-file-failed", 30, path=directory.show(name), error=exc.strerror)
 
 
 def default_exec_argv() -> list[str]:
@@ -195,9 +218,20 @@ def default_exec_argv() -> list[str]:
 
     ``python -m liveupdate.server.luod`` imports whatever version of the
     package is installed at reboot time, so upgrading the package and then
-    rebooting luod runs the new code.
+    rebooting luod runs the new code. ``-P`` keeps the working directory off
+    ``sys.path`` (``-m`` would put it first): only installed code runs. Not
+    ``-I``: it would also drop ``PYTHONPATH``, where handler plugins may be
+    installed; the children's environment is built by luod instead
+    (:func:`~liveupdate.server.reboot.child_environment`).
     """
-    return [sys.executable, "-m", "liveupdate.server.luod"]
+    return [sys.executable, "-P", "-m", "liveupdate.server.luod"]
+
+
+def python_path_for_children(environ: dict[str, str] | None = None) -> str:
+    """luod's own ``PYTHONPATH`` with every entry absolute (call it before leaving the
+    working directory); empty entries (the working directory) are dropped."""
+    value = (os.environ if environ is None else environ).get("PYTHONPATH", "")
+    return os.pathsep.join(os.path.abspath(p) for p in value.split(os.pathsep) if p)
 
 
 @dataclass
@@ -209,46 +243,99 @@ class Handover:
     lock_fd: int
 
 
-def run(config: Config, handover: Handover | None = None) -> int:
-    """Serve one generation (cold start, or restored from ``handover``) until stopped."""
+def _open_dirs(config: Config, create: bool) -> tuple[StateDir, StateDir, StateDir]:
+    """The state directory, the state file's and the socket's, each checked once
+    (``safefs``); the first two are created when missing on a cold start."""
+    mode = 0o755 if os.geteuid() == 0 else 0o700
+    state_dir = StateDir(config.state_dir, create_mode=mode if create else None)
+
+    def same_or_open(path: str, create_mode: int | None) -> StateDir:
+        return state_dir if path == state_dir.path else StateDir(path, create_mode=create_mode)
+
+    state_file_dir = same_or_open(os.path.dirname(config.state_file), None)
+    socket_dir = same_or_open(os.path.dirname(config.socket_path), mode if create else None)
+    return state_dir, state_file_dir, socket_dir
+
+
+def _cold_start(config: Config) -> tuple[StateDir, StateDir, int, socket.socket]:
+    """Check the directories, take the lock, bind: one clear error if anything fails."""
+    try:
+        state_dir, state_file_dir, socket_dir = _open_dirs(config, create=True)
+        lock_fd = acquire_lock(state_dir)
+        activated = systemd.listen_fds()
+        config.socket_activated = bool(activated)
+        if activated:
+            listener = socket.socket(fileno=activated[0])
+        else:
+            listener = bind_listener(config, socket_dir)
+    except UnsafePathError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StartupError(
+            f"cannot serve {config.socket_path or repr('')} with state in "
+            f"{config.state_dir}: {exc.strerror or exc}{where}"
+        ) from None
+    if socket_dir is not state_dir and socket_dir is not state_file_dir:
+        socket_dir.close()
+    return state_dir, state_file_dir, lock_fd, listener
+
+
+def run(
+    config: Config, handover: Handover | None = None, child_env: dict[str, str] | None = None
+) -> int:
+    """Serve one generation (cold start, or restored from ``handover``) until stopped.
+
+    ``child_env``: the environment of the pre-flight and the re-exec
+    (:func:`~liveupdate.server.reboot.child_environment` by default).
+    """
     hard = raise_nofile_limit()
     faults = Faults()
     registry = default_registry()
-    state_dir = Path(config.state_dir)
-    lost = 0
+    lost = None
     if handover is None:
-        for directory in (config.state_dir, str(Path(config.socket_path).parent)):
-            os.makedirs(directory, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
-            check_private_dir(directory)
-        lock_fd = acquire_lock(config.state_dir)
-        activated = systemd.listen_fds()
-        config.socket_activated = bool(activated)
-        listener = socket.socket(fileno=activated[0]) if activated else bind_listener(config)
-        lost = report_lost(state_dir)
+        state_dir, state_file_dir, lock_fd, listener = _cold_start(config)
+        lost = find_lost(state_dir)
         luo = Orchestrator(registry, config.limits)
     else:
         lock_fd = handover.lock_fd
         listener = socket.socket(fileno=handover.listen_fd)
         for fd in (lock_fd, handover.listen_fd):
             os.set_inheritable(fd, False)
+        try:
+            state_dir, state_file_dir, _socket_dir = _open_dirs(config, create=False)
+        except UnsafePathError as exc:
+            # The previous generation checked the same chain moments ago:
+            # someone changed it during the update. Following it now could
+            # write anywhere, so stop (the held files are lost, loudly).
+            raise StartupError(f"after the live update: {exc}") from None
         faults.point("after-exec")
-        luo = restore_from_image(Path(handover.image), registry, config.limits, faults)
-    luo.lost_sessions = lost
+        image_dir = os.path.dirname(os.path.abspath(handover.image))
+        if image_dir != state_dir.path:
+            raise StartupError(f"--handover {handover.image} is not in {state_dir.path}")
+        luo = restore_from_image(
+            state_dir, os.path.basename(handover.image), registry, config.limits, faults
+        )
+    if lost is not None:
+        luo.lost_sessions = lost.sessions
+        luo.lost_incomplete = lost.incomplete
     _write_pid(lock_fd)
-    luo.on_state_change = lambda state: write_state_file(config.state_file, state)
-    write_state_file(config.state_file, luo.state)
+    state_name = os.path.basename(config.state_file)
+    luo.on_state_change = lambda state: write_state_file(state_file_dir, state_name, state)
+    write_state_file(state_file_dir, state_name, luo.state)
     server = DeviceServer(luo, listener)
-    journal = Journal(config.state_dir, config.journal_interval, f"luod {__version__}")
+    journal = Journal(state_dir, config.journal_interval, f"luod {__version__}")
     rebooter = Rebooter(
         server,
         registry,
         config.limits,
-        config.state_dir,
+        state_dir,
         config.exec_argv or default_exec_argv(),
         config.to_args(),
         lock_fd,
         faults,
         journal,
+        child_env,
     )
     server.host = rebooter
     server.on_sighup = rebooter.retry_restore
@@ -273,6 +360,12 @@ def run(config: Config, handover: Handover | None = None) -> int:
         server.close()
         server.luo.close()
         journal.remove()
+        if server.luo.restore_error is None:
+            # Released on purpose, like the journal: an intent or image left by
+            # a reboot that failed must not read as a loss at the next start.
+            # (After a failed restore the image stays: its files are lost now.)
+            state_dir.unlink(IMAGE_NAME)
+            state_dir.unlink(MARKER_NAME)
         if not config.socket_activated:  # systemd's socket is systemd's to remove
             try:
                 os.unlink(config.socket_path)
@@ -288,6 +381,45 @@ def _write_pid(lock_fd: int) -> None:
     """Record our pid in the lock file, for operators and ``luoctl``."""
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _refuse(message: str) -> NoReturn:
+    """A bad option value: one line, exit 2 (as for click's usage errors)."""
+    click.echo(f"luod: {message}", err=True)
+    sys.exit(2)
+
+
+def _check_socket_options(path: str, mode: int, group: str | None) -> None:
+    if not path:
+        _refuse("--socket: the path is empty; give the socket's path")
+    if path.endswith("/"):
+        _refuse(f"--socket {path}: names a directory; give the socket's path")
+    if mode & ~0o777:
+        _refuse(f"--socket-mode {mode:04o}: only permission bits (0000-0777) make sense")
+    if group is not None:
+        try:
+            _gid(group)
+        except KeyError:
+            _refuse(f"--socket-group {group}: no such group")
+
+
+def _warn_open_socket(mode: int, group: str | None) -> None:
+    """Accepted, but said out loud: whoever may connect may use the device."""
+    if mode & 0o006:
+        event(
+            "socket-open-to-everyone",
+            logging.WARNING,
+            mode=f"{mode:04o}",
+            consequence="any user of this machine may use the device",
+        )
+    elif mode & 0o060:
+        event(
+            "socket-open-to-group",
+            logging.WARNING,
+            mode=f"{mode:04o}",
+            group=group if group is not None else "luod's primary group",
+            consequence="every member of the group may use the device",
+        )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -328,6 +460,45 @@ def _write_pid(lock_fd: int) -> None:
     default=Limits.max_files,
     show_default=True,
     help="Most files in one session (PRESERVE_FD then fails with ENOSPC).",
+)
+@click.option(
+    "--max-sessions-per-uid",
+    type=click.IntRange(0),
+    default=Limits.max_sessions_per_uid,
+    show_default=True,
+    help="Most sessions luod holds for one uid, incoming ones included (CREATE_SESSION "
+    "then fails with ENOMEM); 0: no quota. uid 0 and luod's own uid are exempt.",
+)
+@click.option(
+    "--max-files-per-uid",
+    type=click.IntRange(0),
+    default=Limits.max_files_per_uid,
+    show_default=True,
+    help="Most files luod holds for one uid over all its sessions (PRESERVE_FD then "
+    "fails with ENOSPC); 0: no quota.",
+)
+@click.option(
+    "--max-memfd-bytes-per-uid",
+    type=click.IntRange(0),
+    default=Limits.max_memfd_bytes_per_uid,
+    show_default=True,
+    help="Most bytes of memfd (sizes when preserved) luod holds for one uid "
+    "(PRESERVE_FD then fails with ENOSPC); 0: no quota.",
+)
+@click.option(
+    "--fd-reserve",
+    type=click.IntRange(0),
+    default=Limits.fd_reserve,
+    show_default=True,
+    help="fds of luod's RLIMIT_NOFILE kept for its own work, so that a reboot stays "
+    "possible: CREATE_SESSION and PRESERVE_FD that would use them fail with EMFILE.",
+)
+@click.option(
+    "--admin-group",
+    default=None,
+    metavar="GROUP",
+    help="Group (name or gid) whose members may drive the state machine (prepare, "
+    "cancel, reboot, finish everyone's sessions) like root and luod's own user.",
 )
 @click.option(
     "--log-format",
@@ -378,6 +549,11 @@ def main(
     state_file: str,
     max_sessions: int,
     max_files: int,
+    max_sessions_per_uid: int,
+    max_files_per_uid: int,
+    max_memfd_bytes_per_uid: int,
+    fd_reserve: int,
+    admin_group: str | None,
     log_format: str,
     log_level: str,
     journal_interval: float,
@@ -402,6 +578,11 @@ def main(
         raise click.BadParameter(
             f"{socket_mode!r} is not octal", param_hint="--socket-mode"
         ) from None
+    _check_socket_options(socket_path, mode, socket_group)
+    # Every path absolute now: luod leaves its working directory below.
+    socket_path = os.path.abspath(socket_path)
+    state_dir = os.path.abspath(state_dir) if state_dir else ""
+    state_file = os.path.abspath(state_file) if state_file else ""
     config = Config(
         socket_path=socket_path,
         socket_mode=mode,
@@ -410,11 +591,17 @@ def main(
         state_file=state_file,
         max_sessions=max_sessions,
         max_files=max_files,
+        max_sessions_per_uid=max_sessions_per_uid,
+        max_files_per_uid=max_files_per_uid,
+        max_memfd_bytes_per_uid=max_memfd_bytes_per_uid,
+        fd_reserve=fd_reserve,
+        admin_gid=_admin_gid(admin_group),
         log_format=log_format,
         log_level=log_level,
         journal_interval=journal_interval,
     )
     if check_image is not None:
+        os.chdir("/")
         sys.exit(check_image_main(check_image, default_registry()))
     if exec_path:
         # execv does not search PATH (the pre-flight's subprocess would):
@@ -424,14 +611,19 @@ def main(
             raise click.BadParameter(f"{exec_path!r} is not an executable", param_hint="--exec")
         config.exec_argv = [os.path.abspath(resolved)]
     config.socket_activated = socket_activated
+    # Children get luod's PYTHONPATH with absolute entries, then nothing of
+    # the caller's working directory: luod (and so each child) runs in "/".
+    child_env = child_environment(python_path=python_path_for_children())
+    os.chdir("/")
     setup_logging(log_format, log_level)
+    _warn_open_socket(mode, socket_group)
     inherited = None
     if handover is not None:
         if listen_fd is None or lock_fd is None:
             raise click.UsageError("--handover needs --listen-fd and --lock-fd")
         inherited = Handover(handover, listen_fd, lock_fd)
     try:
-        sys.exit(run(config, inherited))
+        sys.exit(run(config, inherited, child_env))
     except StartupError as exc:
         event("startup-failed", 40, reason=str(exc))
         click.echo(f"luod: {exc}", err=True)

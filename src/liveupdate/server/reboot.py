@@ -12,9 +12,15 @@ the outside world:
   It is what a new generation restores from, and what a cold start reports
   as lost when the holder died mid-reboot;
 * the *re-exec*: every preserved fd, the listening socket and the lock are
-  inherited by ``execv`` of the installed luod, so clients' connection
+  inherited by ``execve`` of the installed luod, so clients' connection
   attempts wait in the backlog instead of being refused. ``--no-exec`` (or
   a failed exec) builds the next generation in-process from the same image.
+
+Both children (the pre-flight and the re-exec) run only installed code: the
+command luod was given (:func:`child_environment` and ``luod.default_exec_argv``
+say how), in ``/``, with an environment luod builds instead of its own.
+Every file is reached through the checked state directory fd
+(:class:`~liveupdate.server.safefs.StateDir`), never through a link.
 
 Test hooks: ``LUOD_FAULT_FILE`` names a file read at each step of a reboot;
 each line is ``kill-at STEP``, ``stop-at STEP`` or ``freeze-fail ERRNO
@@ -33,7 +39,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,20 +49,53 @@ from liveupdate.core.file import HandlerRegistry, PreservedFile
 from liveupdate.core.handover import HandoverError, HandoverImage, decode_image, encode_image
 from liveupdate.core.luo import Limits, Orchestrator
 from liveupdate.server import systemd
-from liveupdate.server.files import write_atomic
-from liveupdate.server.journal import INCOMING_JOURNAL_NAME, JOURNAL_NAME, Journal
+from liveupdate.server.journal import (
+    INCOMING_JOURNAL_NAME,
+    JOURNAL_NAME,
+    STALE_JOURNAL_NAME,
+    Journal,
+)
 from liveupdate.server.logs import event
+from liveupdate.server.safefs import StateDir
 
 if TYPE_CHECKING:
     from liveupdate.server.transport import DeviceServer
 
-__all__ = ["FAULT_ENV", "Faults", "Rebooter"]
+__all__ = ["FAULT_ENV", "Faults", "LostReport", "Rebooter", "child_environment"]
 
 FAULT_ENV = "LUOD_FAULT_FILE"
 IMAGE_NAME = "handover.dtb"
 #: Present from the start of a reboot until the next generation restored.
 MARKER_NAME = "reboot-in-progress"
 LAST_IMAGE_NAME = "last-handover.dtb"
+#: PATH of luod's children: the system's directories, never the caller's.
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables of luod's own environment its children get unchanged: the service
+#: manager's (``sd_notify``, journal) and luod's test hook. Everything else
+#: (``LD_PRELOAD``, ``PYTHON*``, ``HOME``, locale...) is the caller's, not ours.
+PASSED_ENV = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", FAULT_ENV)
+
+
+def child_environment(
+    environ: Mapping[str, str] | None = None, python_path: str | None = None
+) -> dict[str, str]:
+    """The environment of every child luod starts (pre-flight, re-exec).
+
+    ``python_path`` is the ``PYTHONPATH`` luod itself was started with, made
+    of absolute directories (``luod.main`` resolves it before leaving its
+    working directory): handler plugins installed there are part of what the
+    operator installed, and the next generation must load them too.
+    """
+    source = os.environ if environ is None else environ
+    env = {"PATH": CHILD_PATH, "LC_ALL": "C.UTF-8"}
+    env.update({name: source[name] for name in PASSED_ENV if name in source})
+    if python_path:
+        env["PYTHONPATH"] = python_path
+    return env
+
+
+def as_state_dir(state_dir: StateDir | str | os.PathLike[str]) -> StateDir:
+    return state_dir if isinstance(state_dir, StateDir) else StateDir(os.fspath(state_dir))
 
 
 class Faults:
@@ -102,11 +142,12 @@ class Rebooter:
         server: The transport serving the current generation.
         registry: Handlers (for the in-process restore).
         limits: The limits the next generation keeps.
-        state_dir: Where the handover image lives.
+        state_dir: Where the handover image lives (checked once, see ``safefs``).
         exec_argv: The command of the next luod (the installed one).
         daemon_args: luod's options, passed on to the next generation.
         lock_fd: The state directory's lock, inherited so no other luod can
             start between the two generations.
+        env: The children's environment (:func:`child_environment` by default).
     """
 
     def __init__(
@@ -114,17 +155,19 @@ class Rebooter:
         server: DeviceServer,
         registry: HandlerRegistry,
         limits: Limits,
-        state_dir: str,
+        state_dir: StateDir | str,
         exec_argv: Sequence[str],
         daemon_args: Sequence[str],
         lock_fd: int,
         faults: Faults | None = None,
         journal: Journal | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.server = server
         self.registry = registry
         self.limits = limits
-        self.state_dir = Path(state_dir)
+        self.dir = as_state_dir(state_dir)
+        self.env = dict(env) if env is not None else child_environment()
         self.exec_argv = list(exec_argv)
         self.daemon_args = list(daemon_args)
         self.lock_fd = lock_fd
@@ -136,21 +179,35 @@ class Rebooter:
 
     @property
     def image_path(self) -> Path:
-        return self.state_dir / IMAGE_NAME
+        return Path(self.dir.show(IMAGE_NAME))
 
     # -- RebootHost ------------------------------------------------------------
 
     def preflight(self, image: HandoverImage) -> None:
         image.writer = self.writer
-        path = self.state_dir / f".preflight.{os.getpid()}.dtb"
-        write_atomic(path, encode_image(image))
-        argv = [*self.exec_argv, "--check-image", str(path)]
+        name = f".preflight.{os.getpid()}.dtb"
+        argv = [*self.exec_argv, "--check-image", self.dir.show(name)]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+            self.dir.write_atomic(name, encode_image(image))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot write the pre-flight image in {self.dir.path}: {exc.strerror}"
+            ) from None
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                cwd="/",
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise OSError(errno.EIO, f"pre-flight could not run {argv[0]}: {exc}") from None
         finally:
-            path.unlink(missing_ok=True)
+            self.dir.unlink(name)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
             reason = f"pre-flight failed: {lines[-1]}"
@@ -160,7 +217,7 @@ class Rebooter:
 
     @property
     def marker_path(self) -> Path:
-        return self.state_dir / MARKER_NAME
+        return Path(self.dir.show(MARKER_NAME))
 
     def begin_reboot(self, intent: HandoverImage) -> None:
         self.started_at = time.monotonic()
@@ -168,25 +225,36 @@ class Rebooter:
         # The intent: what a crash from here on would lose. The journal says
         # it (brought up to date: usually nothing to write) plus a marker
         # saying a reboot began; without a journal, an image of the intent.
-        if self.journal is not None and self.journal.enabled:
-            self.journal.flush(self.server.luo)
-        else:
-            intent.writer = self.writer
-            write_atomic(self.image_path, encode_image(intent))
-        write_atomic(self.marker_path, f"{intent.liveupdate_number}\n".encode())
+        # It is all or nothing: the caller rolls back only what comes after
+        # this call, so a failure here (a full disk) must leave no intent
+        # behind, or the next clean start would report every session lost.
+        try:
+            if self.journal is not None and self.journal.enabled:
+                self.journal.flush(self.server.luo)
+            else:
+                intent.writer = self.writer
+                self.dir.write_atomic(IMAGE_NAME, encode_image(intent))
+            self.dir.write_atomic(MARKER_NAME, f"{intent.liveupdate_number}\n".encode())
+        except BaseException as exc:
+            self._forget_intent()
+            event("reboot-aborted", logging.WARNING, error=str(exc), step="intent")
+            raise
 
     def freeze_hook(self, file: PreservedFile) -> None:
         self.faults.freeze(file)
         self.faults.point("freeze")
 
+    def _forget_intent(self) -> None:
+        self.dir.unlink(IMAGE_NAME)
+        self.dir.unlink(MARKER_NAME)
+
     def abort_reboot(self) -> None:
-        self.image_path.unlink(missing_ok=True)
-        self.marker_path.unlink(missing_ok=True)
+        self._forget_intent()
         event("reboot-aborted", logging.WARNING)
 
     def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
         image.writer = self.writer
-        write_atomic(self.image_path, encode_image(image))
+        self.dir.write_atomic(IMAGE_NAME, encode_image(image))
         self.faults.point("after-image")
         self.server.deferred.append(lambda: self._next_generation(no_exec))
 
@@ -225,7 +293,9 @@ class Rebooter:
         for fd in inherited:
             os.set_inheritable(fd, True)
         try:
-            os.execv(argv[0], argv)
+            # The same directory and environment as the pre-flight that
+            # checked this code (luod runs in "/" since its start).
+            os.execve(argv[0], argv, self.env)
         except OSError:
             for fd in inherited:
                 os.set_inheritable(fd, False)
@@ -234,7 +304,7 @@ class Rebooter:
     def retry_restore(self) -> None:
         """SIGHUP while restoring failed: re-execute the installed luod on the same
         image and the same inherited fds (they were never closed)."""
-        if self.server.luo.restore_error is None or not self.image_path.exists():
+        if self.server.luo.restore_error is None or not self.dir.exists(IMAGE_NAME):
             event("sighup-ignored", reason="nothing to retry")
             return
         event("restore-retry", image=str(self.image_path))
@@ -242,9 +312,7 @@ class Rebooter:
         # After an exec, the inherited fds were never made close-on-exec; after
         # a failed in-process restore they were: hand on every fd the image names.
         try:
-            fds = [
-                f.fd for s in decode_image(self.image_path.read_bytes()).sessions for f in s.files
-            ]
+            fds = [f.fd for s in decode_image(self.dir.read(IMAGE_NAME)).sessions for f in s.files]
         except (OSError, HandoverError):
             fds = []
         try:
@@ -265,8 +333,9 @@ class Rebooter:
         old.incoming.clear()
         # The very path an exec'd luod takes: restore from the image file just
         # committed (on failure: EIO opens, the image and every fd kept).
-        new = restore_from_image(self.image_path, self.registry, self.limits, self.faults)
+        new = restore_from_image(self.dir, IMAGE_NAME, self.registry, self.limits, self.faults)
         new.on_state_change = old.on_state_change
+        new.journal_error = old.journal_error
         self.server.luo = new
         if new.on_state_change is not None:
             new.on_state_change(new.state)
@@ -282,7 +351,11 @@ class Rebooter:
 
 
 def restore_from_image(
-    path: Path, registry: HandlerRegistry, limits: Limits, faults: Faults
+    state_dir: StateDir,
+    name: str,
+    registry: HandlerRegistry,
+    limits: Limits,
+    faults: Faults,
 ) -> Orchestrator:
     """The next generation, restored from the image file (after an exec or in-process).
 
@@ -291,8 +364,9 @@ def restore_from_image(
     can retry (SIGHUP re-executes on the same image and fds).
     """
     generation = 0
+    path = state_dir.show(name)
     try:
-        image = decode_image(path.read_bytes())
+        image = decode_image(state_dir.read(name))
         generation = image.liveupdate_number + 1
         luo = reboot.restore(image, registry, limits, hook=lambda _s: faults.point("restore"))
     except (OSError, HandoverError) as exc:
@@ -301,8 +375,8 @@ def restore_from_image(
         luo.restore_error = f"{path}: {reason}"
         event("restore-failed", logging.ERROR, image=str(path), reason=reason)
         return luo
-    path.replace(path.with_name(LAST_IMAGE_NAME))
-    (path.parent / MARKER_NAME).unlink(missing_ok=True)
+    state_dir.rename(name, LAST_IMAGE_NAME)
+    state_dir.unlink(MARKER_NAME)
     event(
         "restored",
         generation=luo.generation,
@@ -312,40 +386,70 @@ def restore_from_image(
     return luo
 
 
-def report_lost(state_dir: Path) -> int:
+@dataclass(frozen=True)
+class LostReport:
+    """What a cold start found the previous luod had held when it died."""
+
+    #: Sessions described as lost by the records left behind.
+    sessions: int = 0
+    #: The journal was out of date (it could not be written): more may have been lost.
+    incomplete: bool = False
+
+
+def report_lost(state_dir: StateDir | str | os.PathLike[str]) -> int:
+    """At a cold start: how many sessions did the previous luod lose? (see :func:`find_lost`)"""
+    return find_lost(as_state_dir(state_dir)).sessions
+
+
+def find_lost(state_dir: StateDir) -> LostReport:
     """At a cold start: what did the previous luod hold when it died?
 
     A leftover handover image means it died during a live update after the
     freeze; leftover journals, that it died outside one (or before the
     freeze: the marker tells). Logs every session described as lost, keeps
-    each record renamed for inspection, and returns how many there were.
+    each record renamed for inspection. A ``journal-stale`` marker means the
+    journal could not be written for a while before the death: the count is
+    then a lower bound, and the report says so.
     """
-    image_path = state_dir / IMAGE_NAME
-    journals = [state_dir / JOURNAL_NAME, state_dir / INCOMING_JOURNAL_NAME]
-    marker = state_dir / MARKER_NAME
+    journals = [JOURNAL_NAME, INCOMING_JOURNAL_NAME]
     why = "the previous luod died during a live update"
-    if image_path.exists():
-        records = [image_path]  # the image supersedes the journals
-        for path in journals:
-            path.unlink(missing_ok=True)
+    if state_dir.exists(IMAGE_NAME):
+        records = [IMAGE_NAME]  # the image supersedes the journals
+        for name in journals:
+            state_dir.unlink(name)
     else:
-        records = [path for path in journals if path.exists()]
-        if not marker.exists():
+        records = [name for name in journals if state_dir.exists(name)]
+        if not state_dir.exists(MARKER_NAME):
             why = "the previous luod died (outside a live update)"
-    marker.unlink(missing_ok=True)
-    return sum(_report_record(path, why) for path in records)
+    state_dir.unlink(MARKER_NAME)
+    incomplete = state_dir.exists(STALE_JOURNAL_NAME)
+    if incomplete:
+        why += "; its journal could not be written, so sessions it held may be missing here"
+    lost = sum(_report_record(state_dir, name, why) for name in records)
+    if incomplete:
+        event(
+            "lost-report-incomplete",
+            logging.ERROR,
+            sessions_at_least=lost,
+            reason="the previous luod's journal could not be written (see journal-failed) "
+            "before it died: sessions created or changed since its last write are lost "
+            "without a record",
+        )
+        state_dir.unlink(STALE_JOURNAL_NAME)
+    return LostReport(lost, incomplete)
 
 
-def _report_record(path: Path, why: str) -> int:
+def _report_record(state_dir: StateDir, name: str, why: str) -> int:
     # Unique even for two reports in one second: never overwrite a report.
     stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
-    kept = path.with_name(f"lost-{stamp}-{path.name}")
-    os.link(path, kept)
-    path.unlink()
+    kept = f"lost-{stamp}-{name}"
+    state_dir.link(name, kept)
+    state_dir.unlink(name)
     try:
-        image = decode_image(kept.read_bytes())
-    except HandoverError as exc:
-        event("lost-unknown", logging.ERROR, image=str(kept), reason=exc.reason)
+        image = decode_image(state_dir.read(kept))
+    except (OSError, HandoverError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc)
+        event("lost-unknown", logging.ERROR, image=state_dir.show(kept), reason=reason)
         return 0
     for session in image.sessions:
         event(
@@ -361,8 +465,8 @@ def _report_record(path: Path, why: str) -> int:
         "lost-report",
         logging.ERROR,
         sessions=len(image.sessions),
-        image=str(kept),
-        hint=f"luoctl inspect {kept}",
+        image=state_dir.show(kept),
+        hint=f"luoctl inspect {state_dir.show(kept)}",
     )
     return len(image.sessions)
 
@@ -370,9 +474,14 @@ def _report_record(path: Path, why: str) -> int:
 def check_image(path: str, registry: HandlerRegistry) -> int:
     """``luod --check-image``: can this version restore ``path``? (exit status)"""
     try:
-        # The pre-flight also parses with the `fdt` library and requires both
-        # parsers to agree: a slower, stricter read that runs outside the reboot.
-        image = decode_image(Path(path).read_bytes(), cross_check=True)
+        # The same full read as the restore (libfdt's fdt_check_full, then
+        # every schema rule), run before the reboot instead of after it.
+        # Its directory was checked by the luod that wrote it; the file itself
+        # is never read through a link.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+        image = decode_image(data)
     except (OSError, HandoverError) as exc:
         print(f"cannot read handover image {path}: {exc}", file=sys.stderr)
         return 1

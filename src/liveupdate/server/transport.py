@@ -33,6 +33,13 @@ from liveupdate.core.luo import DeviceCall, Orchestrator
 from liveupdate.core.session import Owner, Session, SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, Reply, dispatch
+from liveupdate.server.holds import (
+    HoldState,
+    HoldWatch,
+    Verdict,
+    inodes_in_queues,
+    unix_peer_inode,
+)
 from liveupdate.server.logs import event
 
 __all__ = ["DeviceServer", "Endpoint"]
@@ -47,10 +54,32 @@ _ACCEPT_WARN_EVERY = 10.0
 _HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
 
+#: Linux's ``SO_PEERGROUPS`` (4.13), not in every Python's socket module.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups, as of its connect (``SO_PEERGROUPS``).
+
+    Fixed at connect time like ``SO_PEERCRED``: unlike reading
+    ``/proc/PID/status`` later, the peer cannot swap them in between.
+    Unknown (an older kernel): none.
+    """
+    for size in (256 * 4, 65536 * 4):  # NGROUPS_MAX is 65536
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return ()
+
+
 def peer_owner(sock: socket.socket) -> Owner:
-    """``SO_PEERCRED`` of a connected Unix socket."""
+    """``SO_PEERCRED`` (and ``SO_PEERGROUPS``) of a connected Unix socket."""
     pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    return Owner(pid, uid, gid)
+    return Owner(pid, uid, gid, peer_groups(sock))
 
 
 def hung_up(sock: socket.socket) -> bool:
@@ -58,6 +87,14 @@ def hung_up(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | _HUNG_UP)
     return any(ev & _HUNG_UP for _fd, ev in poller.poll(0))
+
+
+def _open_spare_fd() -> int:
+    """An fd that costs nothing but its slot (``-1`` if the table is full)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 @dataclass(eq=False)
@@ -78,6 +115,10 @@ class Endpoint:
     closed: bool = False
     #: Close after the pending replies without releasing the session.
     detach: bool = False
+    #: Inode of the client's end (known for a session's socketpair, asked
+    #: from the kernel for a device connection): who holds it tells a live
+    #: client from a ghost (see :mod:`liveupdate.server.holds`).
+    peer_inode: int | None = None
 
     @property
     def kind(self) -> str:
@@ -113,6 +154,8 @@ class DeviceServer:
         #: While accept() fails for lack of fds: when to try again.
         self._accept_resume: float | None = None
         self._accept_warned = 0.0
+        #: Given up when the fd table is full, to answer an opener EMFILE.
+        self._spare_fd = _open_spare_fd()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
@@ -120,6 +163,8 @@ class DeviceServer:
         #: Work to run between two events (e.g. a reboot requested by an ioctl,
         #: which must happen after its reply was sent).
         self.deferred: collections.deque[Callable[[], None]] = collections.deque()
+        #: Endpoints whose client's end may be held by no process.
+        self.holds: HoldWatch[Endpoint] = HoldWatch(self._queued_inodes)
 
     @property
     def luo(self) -> Orchestrator:
@@ -139,6 +184,7 @@ class DeviceServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
         event("signal", signal=signal.Signals(signum).name)
@@ -149,13 +195,22 @@ class DeviceServer:
         if self.on_sighup is not None:
             self.deferred.append(self.on_sighup)
 
+    def _on_usr1(self, _signum: int, _frame: object) -> None:
+        # The operator's way to list holds and break ghosts: it needs no
+        # device connection, so it works while the device is stuck busy.
+        self.deferred.append(self.report_holds)
+
     def stop(self) -> None:
         self._stop = True
 
     def serve_forever(self) -> None:
         """Serve until :meth:`stop` or a stop signal."""
         while not self._stop:
-            waits = [self._resume_accept(), self.on_idle() if self.on_idle is not None else None]
+            waits = [
+                self._resume_accept(),
+                self.on_idle() if self.on_idle is not None else None,
+                self.holds.due(),
+            ]
             timeout = min((w for w in waits if w is not None), default=None)
             for key, mask in self.selector.select(timeout=timeout):
                 try:
@@ -170,6 +225,11 @@ class DeviceServer:
                     break
             while self.deferred:
                 self.deferred.popleft()()
+            if self.holds.due() == 0:
+                try:
+                    self._confirm_suspects()
+                except Exception:
+                    event("internal-error", logging.ERROR, exc_info=True, where="holds")
 
     def _event(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.fileobj is self.listener:
@@ -223,6 +283,9 @@ class DeviceServer:
         signal.set_wakeup_fd(-1)
         self._wakeup_r.close()
         self._wakeup_w.close()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
 
     # -- device connections ---------------------------------------------------
 
@@ -233,7 +296,9 @@ class DeviceServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS: the client stays in the backlog. Stop
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_with_spare_fd():
+                    continue
+                # ENOBUFS, or no spare fd: the client stays in the backlog. Stop
                 # watching the listener for a moment (it stays readable: a
                 # level-triggered loop would spin) and say so once a while.
                 self._pause_accept()
@@ -243,6 +308,36 @@ class DeviceServer:
                     event("accept-failed", logging.WARNING, error=exc.strerror)
                 return
             self._open_device(sock)
+
+    def _refuse_with_spare_fd(self) -> bool:
+        """The fd table is full: answer one waiting opener ``EMFILE`` anyway.
+
+        The spare fd is given up for the time of one accept, so that the
+        opener gets a hello with an errno instead of hanging in the backlog.
+        Whether one was answered.
+        """
+        if self._spare_fd < 0:
+            self._spare_fd = _open_spare_fd()
+            return False
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        try:
+            sock, _addr = self.listener.accept()
+        except OSError:
+            self._spare_fd = _open_spare_fd()
+            return False
+        with sock:
+            try:
+                sock.setblocking(False)
+                sock.send(wire.encode_hello(-errno.EMFILE))
+            except OSError:
+                pass
+        self._spare_fd = _open_spare_fd()  # the slot the answered socket had
+        now = time.monotonic()
+        if now - self._accept_warned > _ACCEPT_WARN_EVERY:
+            self._accept_warned = now
+            event("device-refused-no-fds", logging.WARNING)
+        return True
 
     def _pause_accept(self) -> None:
         if self._accept_resume is None:
@@ -268,9 +363,10 @@ class DeviceServer:
         except OSError as exc:
             status = -(exc.errno or errno.EIO)
         # Single opener. A client that closed and reopened at once must not see
-        # EBUSY just because its hang-up has not been processed yet.
+        # EBUSY just because its hang-up has not been processed yet; nor may a
+        # client end parked in flight (only in some socket queue) keep it busy.
         if status == 0 and self.device is not None:
-            if hung_up(self.device.sock):
+            if hung_up(self.device.sock) or self._is_ghost(self.device, "device busy"):
                 self._close(self.device)
             else:
                 status = -errno.EBUSY
@@ -296,7 +392,7 @@ class DeviceServer:
         # A session fd can be passed around: every request then carries its
         # real sender's credentials (SCM_CREDENTIALS) for the owner checks.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        ep = Endpoint(ours, session.owner, session)
+        ep = Endpoint(ours, session.owner, session, peer_inode=os.fstat(theirs.fileno()).st_ino)
         session.endpoint = ep
         self._register(ep)
         return theirs.detach()
@@ -304,12 +400,107 @@ class DeviceServer:
     def reap(self, session: Session) -> bool:
         """Release ``session`` now if its client already closed its fd."""
         ep = session.endpoint
-        if not isinstance(ep, Endpoint) or ep.closed or not hung_up(ep.sock):
+        if not isinstance(ep, Endpoint) or ep.closed:
+            return False
+        # A fd parked in flight (in a socket queue, by no process) is as
+        # closed as it will ever get: the core asks before refusing anyone.
+        if not hung_up(ep.sock) and not self._is_ghost(ep, "session conflict"):
             return False
         # Requests it left unanswered cannot be answered any more: the close
         # is what counts, as it would be for a kernel's synchronous close().
         self._close(ep)
         return True
+
+    # -- holds luod cannot see -----------------------------------------------
+
+    def _peer_inode(self, ep: Endpoint) -> int | None:
+        if ep.peer_inode is None and ep.session is None:
+            try:
+                ep.peer_inode = unix_peer_inode(os.fstat(ep.sock.fileno()).st_ino)
+            except OSError:
+                return None
+        return ep.peer_inode
+
+    def _verdict(self, ep: Endpoint, force: bool = False) -> Verdict:
+        # Closing a session loses its files: only a proven cycle does that.
+        return self.holds.verdict(
+            ep, self._peer_inode(ep), strict=ep.session is not None, force=force
+        )
+
+    def _queued_inodes(self) -> set[int]:
+        """What is in flight in the queues of the sockets luod holds."""
+        roots = [ep.sock.fileno() for ep in self.endpoints if not ep.closed]
+        for session in [*self.luo.outgoing.values(), *self.luo.incoming.values()]:
+            roots += [f.fd for f in session.files.values() if f.fd >= 0]
+        return inodes_in_queues(roots)
+
+    def _is_ghost(self, ep: Endpoint, why: str, force: bool = False) -> bool:
+        """Whether ``ep``'s client end has been only in flight for a grace
+        period (logged: the caller then closes ``ep`` as its client would have).
+
+        Only asked when someone is refused because of ``ep`` (or by the
+        operator's SIGUSR1), never in passing: the census walks /proc.
+        """
+        verdict = self._verdict(ep, force)
+        if verdict.state != HoldState.GHOST:
+            return False
+        self._log_ghost(ep, f"{why}: {verdict.why}")
+        return True
+
+    def _log_ghost(self, ep: Endpoint, why: str) -> None:
+        fields: dict[str, Any] = {
+            "kind": ep.kind,
+            "inode": ep.peer_inode,
+            "peer_pid": ep.owner.pid,
+            "uid": ep.owner.uid,
+            "why": why,
+        }
+        if ep.session is not None:
+            fields["session"] = ep.session.display_name
+        event("hold-broken", logging.WARNING, **fields)
+
+    def _confirm_suspects(self) -> None:
+        """A grace period after an endpoint was seen in flight: look again."""
+        self.holds.keep_only(self.endpoints)
+        for ep in self.holds.suspects():
+            if not ep.closed and self._is_ghost(ep, "still in flight"):
+                self._close(ep)
+
+    def report_holds(self) -> None:
+        """Log who holds the client's end of every endpoint (SIGUSR1).
+
+        Endpoints found in flight are looked at again a grace period later
+        and closed if they still are: the operator's way out of a hold no
+        client can release, which costs nobody else's session.
+        """
+        eps = sorted(self.endpoints, key=lambda e: (e.session is not None, e.sock.fileno()))
+        broken = 0
+        counts: dict[str, int] = {state.value: 0 for state in HoldState}
+        for n, ep in enumerate(eps):
+            if ep.closed:
+                continue
+            verdict = self._verdict(ep, force=n == 0)
+            counts[verdict.state.value] += 1
+            fields: dict[str, Any] = {"kind": ep.kind, "inode": ep.peer_inode}
+            if ep.session is not None:
+                fields["session"] = ep.session.display_name
+            fields["holders"] = verdict.describe()
+            if verdict.why:
+                fields["why"] = verdict.why
+            event("hold", **fields)
+            if verdict.state == HoldState.GHOST:
+                self._log_ghost(ep, f"operator (SIGUSR1): {verdict.why}")
+                self._close(ep)
+                broken += 1
+        event(
+            "holds-reported",
+            endpoints=len(eps),
+            held=counts["held"],
+            in_flight=counts["in-flight"],
+            ghosts=counts["ghost"],
+            unknown=counts["unknown"],
+            broken=broken,
+        )
 
     # -- serving --------------------------------------------------------------
 
@@ -427,6 +618,7 @@ class DeviceServer:
                 os.close(fd)
         ep.pending.clear()
         self.endpoints.discard(ep)
+        self.holds.forget(ep)
         try:
             self.selector.unregister(ep.sock)
         except (KeyError, ValueError):

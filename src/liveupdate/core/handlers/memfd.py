@@ -66,6 +66,10 @@ class MemfdHandler(FileHandler):
         except OSError:
             return False
 
+    def charged_bytes(self, fd: int, st: os.stat_result) -> int:
+        # Its size when preserved: it may grow later (not locked, see the docs).
+        return st.st_size
+
     def freeze(self, file: PreservedFile) -> bytes:
         st = os.fstat(file.fd)
         pos = os.lseek(file.fd, 0, os.SEEK_CUR)
