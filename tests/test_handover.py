@@ -1,4 +1,4 @@
-"""Tests of the handover image (``liveupdate.core.handover``).
+"""Tests of the handover image (``liveupdate.handover_abi`` and ``liveupdate.handover_codec``).
 
 Crafted images are edited with libfdt's read-write interface (``fdt_setprop``,
 ``fdt_add_subnode``...), not with the codec's own writer, so that the reader
@@ -21,8 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liveupdate.core.handover import (
+from liveupdate.handover_abi import (
     IMAGE_COMPATIBLE,
+    IMAGE_FLAG_AWAITING_SUCCESSOR,
     IMAGE_VERSION,
     SUPPORTED_VERSIONS,
     CorruptImageError,
@@ -31,11 +32,8 @@ from liveupdate.core.handover import (
     HandoverImage,
     SessionRecord,
     UnknownVersionError,
-    decode_image,
-    encode_image,
-    image_to_dict,
 )
-from liveupdate.handover_abi import IMAGE_FLAG_AWAITING_SUCCESSOR
+from liveupdate.handover_codec import decode_image, encode_image, image_to_dict
 
 U64_MAX = 2**64 - 1
 DTC = shutil.which("dtc")

@@ -32,7 +32,8 @@ from click.testing import CliRunner
 
 import liveupdate
 from liveupdate.cli.luoctl import main as luoctl_main
-from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord, encode_image
+from liveupdate.handover_abi import FileRecord, HandoverImage, SessionRecord
+from liveupdate.handover_codec import encode_image
 from liveupdate.server import luod as luod_module
 from luodtest import Luod
 

@@ -101,10 +101,9 @@ def new_version_venv(tmp_path: Path, version: str) -> Path:
     shutil.copytree(SRC, tree / "src" / "liveupdate", ignore=shutil.ignore_patterns("__pycache__"))
     root = SRC.parents[1]
     shutil.copy(root / "pyproject.toml", tree / "pyproject.toml")
-    _bump(tree / "pyproject.toml", r'^version = "[^"]+"', f'version = "{version}"')
-    for module in ("__init__.py", "server/luod.py"):
-        path = tree / "src" / "liveupdate" / module
-        _bump(path, r'^__version__ = "[^"]+"', f'__version__ = "{version}"')
+    # The one version string (pyproject.toml reads it, luod imports it).
+    init = tree / "src" / "liveupdate" / "version.py"
+    _bump(init, r'^__version__ = "[^"]+"', f'__version__ = "{version}"')
     wheel = build_wheel(tree, version, tmp_path)
 
     venv = tmp_path / "venv2"

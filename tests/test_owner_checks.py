@@ -241,7 +241,8 @@ def agents(
 
 def root_listing(daemon: Luod, name: str | None = None) -> dict[str, Any]:
     with liveupdate.open_device(daemon.socket, timeout=10.0) as dev:
-        return dev.list_sessions(name, files=False)
+        # The listing as luod's JSON: these tests compare whole documents.
+        return dev.list_sessions(name, files=False).to_dict()
 
 
 def owners(listing: dict[str, Any]) -> dict[str, tuple[int, str]]:

@@ -35,7 +35,8 @@ import pytest
 
 import liveupdate
 from liveupdate import uapi, wire
-from liveupdate.core.handover import HandoverError, decode_image
+from liveupdate.handover_abi import HandoverError
+from liveupdate.handover_codec import decode_image
 from luodtest import Luod, luoctl
 
 _REBOOTED = re.compile(r"generation (\d+) -> (\d+)")
@@ -70,7 +71,7 @@ def state(daemon: Luod) -> liveupdate.StateInfo:
 def sessions(daemon: Luod) -> list[tuple[str, str]]:
     with daemon.open() as dev:
         listing = dev.list_sessions()
-    return sorted((s["name"], s["direction"]) for s in listing["sessions"])
+    return sorted((s.name, s.direction.name.lower()) for s in listing.sessions)
 
 
 def reboot(daemon: Luod, *args: str) -> None:

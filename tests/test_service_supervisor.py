@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import liveupdate
+from liveupdate import uapi
 from luodtest import REPO, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
@@ -191,8 +192,8 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
         time.sleep(0.2)
         with liveupdate.open_device(luod.socket, timeout=10) as dev:
             listing = dev.list_sessions("echo")
-        directions = {s["direction"] for s in listing["sessions"]}
-        assert "incoming" in directions, listing
+        directions = {s.direction for s in listing.sessions}
+        assert uapi.SessionDirection.INCOMING in directions, listing
         service.start()
         assert service.port == port
         mark = talker.sent

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from liveupdate.version import __version__ as __version__
 
 #: Public name -> module that defines it.
 _EXPORTS = {
@@ -28,6 +28,9 @@ _EXPORTS = {
     "Session": "liveupdate.client.device",
     "StateInfo": "liveupdate.client.device",
     "open_device": "liveupdate.client.device",
+    "FileInfo": "liveupdate.client.listing",
+    "SessionInfo": "liveupdate.client.listing",
+    "SessionListing": "liveupdate.client.listing",
     "InheritedSession": "liveupdate.client.service",
     "inherited_session": "liveupdate.client.service",
     **{
@@ -42,8 +45,8 @@ _EXPORTS = {
             "NotFoundError",
             "NotSupportedError",
             "OutOfResourcesError",
+            "OrchestratorIOError",
             "PermissionDeniedError",
-            "RestoreFailedError",
             "StaleGenerationError",
             "StructTooBigError",
         )
@@ -55,16 +58,19 @@ __all__ = [
     "BadFileError",
     "Device",
     "DeviceBusyError",
+    "FileInfo",
     "InheritedSession",
     "InvalidArgumentError",
     "LiveUpdateError",
     "NoSpaceError",
     "NotFoundError",
     "NotSupportedError",
+    "OrchestratorIOError",
     "OutOfResourcesError",
     "PermissionDeniedError",
-    "RestoreFailedError",
     "Session",
+    "SessionInfo",
+    "SessionListing",
     "StaleGenerationError",
     "StateInfo",
     "StructTooBigError",
@@ -75,7 +81,13 @@ __all__ = [
 assert sorted(_EXPORTS) == __all__, "every export is listed once"
 
 
+#: Old names, still importable (with a DeprecationWarning), from this module.
+_DEPRECATED = {"RestoreFailedError": "liveupdate.client.errors"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        return getattr(importlib.import_module(_DEPRECATED[name]), name)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'liveupdate' has no attribute {name!r}")
@@ -99,10 +111,12 @@ if TYPE_CHECKING:
         NoSpaceError,
         NotFoundError,
         NotSupportedError,
+        OrchestratorIOError,
         OutOfResourcesError,
         PermissionDeniedError,
-        RestoreFailedError,
         StaleGenerationError,
         StructTooBigError,
     )
+    from liveupdate.client.errors import RestoreFailedError as RestoreFailedError
+    from liveupdate.client.listing import FileInfo, SessionInfo, SessionListing
     from liveupdate.client.service import InheritedSession, inherited_session

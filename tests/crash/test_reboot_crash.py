@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,9 +40,14 @@ from click.testing import CliRunner
 import liveupdate
 from liveupdate.cli.luoctl import main as luoctl_main
 from liveupdate.core.file import HandlerRegistry
-from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord, encode_image
-from liveupdate.core.luo import Limits, Orchestrator
-from liveupdate.server import reboot as server_reboot
+from liveupdate.core.luo import Orchestrator
+from liveupdate.core.policy import Limits
+from liveupdate.handover_abi import FileRecord, HandoverImage, SessionRecord
+from liveupdate.handover_codec import encode_image
+from liveupdate.server import lossreport
+from liveupdate.server.reexec import ReexecDriver
+from liveupdate.server.safefs import StateDir
+from liveupdate.server.transport import DeviceServer
 from luodtest import LUOCTL, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
@@ -301,7 +305,7 @@ def test_eio_generation_killed_is_reported(
     result = luoctl(daemon.socket, "reboot", "--wait", "10")
     assert result.returncode == 1
     wait_for(lambda: "restore-failed" in daemon.log_text(), what="restore-failed")
-    with pytest.raises(liveupdate.RestoreFailedError):
+    with pytest.raises(liveupdate.OrchestratorIOError):
         daemon.open(timeout=0)
     assert (daemon.state_dir / "handover.dtb").exists()  # kept for a retry
 
@@ -456,14 +460,14 @@ def test_luoctl_reboot_wait_is_bounded_when_next_generation_hangs(
 def test_two_reports_in_one_second_keep_both_images(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server_reboot.time, "strftime", lambda *_a: "20260101T000000")
+    monkeypatch.setattr(lossreport.time, "strftime", lambda *_a: "20260101T000000")
     for number, name in enumerate([b"first", b"second"], start=1):
         image = HandoverImage(
             liveupdate_number=number,
             sessions=[SessionRecord(name=name, uid=0, gid=0, pid=1, created=1.0)],
         )
         (tmp_path / "handover.dtb").write_bytes(encode_image(image))
-        assert server_reboot.report_lost(tmp_path) == 1
+        assert lossreport.report_lost(tmp_path) == 1
     assert len(list(tmp_path.glob("lost-*"))) == 2
 
 
@@ -491,19 +495,25 @@ def test_failed_in_process_restore_keeps_the_image(
         (tmp_path / "handover.dtb").write_bytes(encode_image(image))
         no_handlers = HandlerRegistry()  # the restore cannot fit: no memfd-v1
         old = Orchestrator(no_handlers)
-        server = SimpleNamespace(luo=old)
-        rebooter = server_reboot.Rebooter(
-            server,  # type: ignore[arg-type]
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server = DeviceServer(old, listener)
+        driver = ReexecDriver(
+            server,
             no_handlers,
             Limits(),
-            str(tmp_path),
+            StateDir(str(tmp_path)),
             ["/nonexistent/luod"],
             [],
             -1,
         )
-        rebooter.restore_in_process()  # from the handover.dtb written above
-        assert server.luo.restore_error is not None  # the EIO generation
-        assert (tmp_path / "handover.dtb").exists()
+        try:
+            driver.restore_in_process()  # from the handover.dtb written above
+            assert server.luo is not old
+            assert server.luo.restore_error is not None  # the EIO generation
+            assert (tmp_path / "handover.dtb").exists()
+        finally:
+            server.close()
+            listener.close()
     finally:
         os.close(fd)
 

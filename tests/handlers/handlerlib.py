@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import liveupdate
 from liveupdate.core.handlers import describe_data
-from liveupdate.core.handover import decode_image
+from liveupdate.handover_codec import decode_image
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN = REPO / "examples" / "handler-plugin"

@@ -74,7 +74,7 @@ def test_plugin_handler_preserves_timerfds_across_a_reboot(
     monkeypatch.syspath_prepend(str(plugin_site))
     plugin = importlib.import_module("luo_timerfd")
     image = (daemon.state_dir / "last-handover.dtb").read_bytes()
-    from liveupdate.core.handover import decode_image
+    from liveupdate.handover_codec import decode_image
 
     record = decode_image(image).sessions[0].files[0]
     assert record.compatible == "timerfd-v1"

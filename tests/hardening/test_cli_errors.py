@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import liveupdate
-from liveupdate.core.handover import FileRecord, HandoverImage, SessionRecord, encode_image
+from liveupdate.handover_abi import FileRecord, HandoverImage, SessionRecord
+from liveupdate.handover_codec import encode_image
 from luodtest import LUOCTL, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only

@@ -41,8 +41,8 @@ def memfd() -> Iterator[int]:
 
 def tokens_held(luod: Luod) -> list[int]:
     with luod.open() as dev:
-        (entry,) = dev.list_sessions("validation")["sessions"]
-    return [int(f["token"]) for f in entry["files"]]
+        (entry,) = dev.list_sessions("validation").sessions
+    return [f.token for f in entry.files or ()]
 
 
 @pytest.mark.parametrize("token", OUT_OF_RANGE)
@@ -102,7 +102,7 @@ def test_a_session_name_that_is_neither_str_nor_bytes_is_a_type_error(
         if name is not None:  # list_sessions(None) lists every session
             with pytest.raises(TypeError, match="name"):
                 dev.list_sessions(name)  # type: ignore[arg-type]
-        assert dev.list_sessions()["sessions"] == []
+        assert dev.list_sessions().sessions == ()
 
 
 def test_str_and_bytes_names_still_work(luod: Luod) -> None:

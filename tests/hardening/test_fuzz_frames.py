@@ -39,7 +39,9 @@ import liveupdate
 from liveupdate import uapi, wire
 from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import DeviceCall, Orchestrator
-from liveupdate.core.session import Owner, Session, SessionCall
+from liveupdate.core.policy import Owner
+from liveupdate.core.session import Session
+from liveupdate.core.session_ops import SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, dispatch
 from luodtest import Luod
@@ -168,7 +170,7 @@ class World:
     def session(
         self, session: Session, cmd: int, arg: bytes, fds: list[int]
     ) -> tuple[int, bytes, int | None]:
-        call = SessionCall(self.luo, session, fds, self.owner, lambda: None)
+        call = SessionCall(self.luo.sessions, session, fds, self.owner, lambda: None)
         reply = dispatch(self.sestable, cmd, arg, call, session.direction)
         return reply.ret, reply.out, reply.fd
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import pytest
 
 import liveupdate
-from liveupdate.server.holds import inodes_in_queues, unix_peer_inode
+from liveupdate.server.census import inodes_in_queues, unix_peer_inode
 from luodtest import Luod, luoctl
 
 pytestmark = pytest.mark.luod_only
@@ -100,7 +100,7 @@ def create_when_possible(dev: liveupdate.Device, name: str) -> liveupdate.Sessio
 
 def session_names(daemon: Luod) -> list[str]:
     with open_when_free(daemon) as dev:
-        return sorted(s["name"] for s in dev.list_sessions()["sessions"])
+        return sorted(s.name for s in dev.list_sessions().sessions)
 
 
 def memfd(data: bytes) -> int:
@@ -191,7 +191,7 @@ def test_sigusr1_lists_holds_and_breaks_a_parked_device(
     )
     assert f"peer_pid={attacker}" in daemon.log_text()
     with daemon.open(timeout=0) as dev:  # free at the first try
-        assert [s["name"] for s in dev.list_sessions()["sessions"]] == ["held-by-me"]
+        assert [s.name for s in dev.list_sessions().sessions] == ["held-by-me"]
     assert held.get_name() == b"held-by-me"
     held.close()
 

@@ -164,8 +164,8 @@ def state(daemon: Luod) -> liveupdate.StateInfo:
 def sessions(daemon: Luod) -> dict[str, tuple[int, str]]:
     """Session name -> (owner uid, direction), as root sees them."""
     with daemon.open(timeout=10.0) as dev:
-        doc = dev.list_sessions(files=False)
-    return {s["name"]: (s["uid"], s["direction"]) for s in doc["sessions"]}
+        listing = dev.list_sessions(files=False)
+    return {s.name: (s.uid, s.direction.name.lower()) for s in listing.sessions}
 
 
 def handed_over(daemon: Luod, name: str, data: bytes) -> None:
@@ -261,13 +261,13 @@ def test_unpreserve_on_a_passed_session_fd_is_owner_checked(
 
     b.denied("unpreserve", name="a-pass", token=7)
     with daemon.open(timeout=10.0) as dev:
-        (entry,) = dev.list_sessions("a-pass")["sessions"]
-    assert [f["token"] for f in entry["files"]] == [7]
+        (entry,) = dev.list_sessions("a-pass").sessions
+    assert [f.token for f in entry.files or ()] == [7]
     # The owner may.
     a.ok("unpreserve", name="a-pass", token=7)
     with daemon.open(timeout=10.0) as dev:
-        (entry,) = dev.list_sessions("a-pass")["sessions"]
-    assert entry["files"] == []
+        (entry,) = dev.list_sessions("a-pass").sessions
+    assert entry.files == ()
 
 
 def test_admin_group_members_may_drive_the_state_machine(

@@ -102,7 +102,7 @@ def test_a_finished_copy_frees_the_file_for_the_next_generation_too(luod: Luod, 
     reboot(luod)  # B goes over; A is gone
     b.close()
     with luod.open(timeout=10.0) as dev:
-        names = [s["name"] for s in dev.list_sessions(files=False)["sessions"]]
+        names = [s.name for s in dev.list_sessions(files=False).sessions]
         assert names == ["B"]
         b2 = dev.retrieve_session("B")
     with b2:

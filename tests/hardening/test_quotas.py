@@ -128,8 +128,8 @@ def test_a_uid_at_its_memfd_bytes_quota_does_not_starve_another(
     b.ok("create", name="b")
     b.ok("preserve", name="b", token=1, size=mib)
     with daemon.open(timeout=10.0) as dev:
-        (entry,) = dev.list_sessions("a")["sessions"]
-    assert sorted(f["token"] for f in entry["files"]) == [1, 2, 3]
+        (entry,) = dev.list_sessions("a").sessions
+    assert sorted(f.token for f in entry.files or ()) == [1, 2, 3]
 
 
 # -- the fd reserve -------------------------------------------------------------------------

@@ -97,12 +97,12 @@ class Agent:
 
     def op_list(self, name: str | None = None) -> dict[str, Any]:
         with self._open() as dev:
-            doc = dev.list_sessions(name, files=False)
+            listing = dev.list_sessions(name, files=False)
         sessions = [
-            {"name": s["name"], "uid": s["uid"], "direction": s["direction"]}
-            for s in doc["sessions"]
+            {"name": s.name, "uid": s.uid, "direction": s.direction.name.lower()}
+            for s in listing.sessions
         ]
-        return {"sessions": sessions, "hidden": doc["hidden"], "generation": doc["generation"]}
+        return {"sessions": sessions, "hidden": listing.hidden, "generation": listing.generation}
 
     def op_preserve(self, name: str, token: int, size: int = 0) -> dict[str, Any]:
         """A new memfd of ``size`` bytes into the open session ``name``."""

@@ -36,7 +36,8 @@ from scenarios import C1_NAME, SCENARIOS, Keep, Obs, Scenario, diff, rc, run_sta
 
 import liveupdate
 from liveupdate import uapi, wire
-from liveupdate.core.handover import UnknownVersionError, decode_image
+from liveupdate.handover_abi import UnknownVersionError
+from liveupdate.handover_codec import decode_image
 from luodtest import LUOCTL, Luod, luoctl
 
 pytestmark = pytest.mark.luod_only

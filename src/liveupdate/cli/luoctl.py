@@ -2,7 +2,8 @@
 
 Every command talks to the device through the client library (so it works
 over luod's socket, and the upstream parts against a kernel too), except
-``inspect``, which only decodes a handover image file.
+``inspect``, which only decodes a handover image file with the ABI modules
+(``handover_codec``, ``handler_abi``). luoctl imports no core or server code.
 """
 
 from __future__ import annotations
@@ -11,55 +12,24 @@ import errno
 import json
 import os
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 import liveupdate
 from liveupdate import uapi
+from liveupdate.cli.context import Context, console, fail
+from liveupdate.cli.image import inspect
 from liveupdate.client.device import StateInfo
-from liveupdate.client.errors import error_from_errno, file_kind
+from liveupdate.client.errors import error_from_errno
+from liveupdate.client.listing import FileInfo, SessionInfo
+from liveupdate.client.service import direction_name
 
 __all__ = ["main"]
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-class Context:
-    def __init__(self, socket: str | None, as_json: bool, timeout: float) -> None:
-        self.socket = socket
-        self.json = as_json
-        self.timeout = timeout
-
-    def open(self, timeout: float | None = None) -> liveupdate.Device:
-        return liveupdate.open_device(
-            self.socket, timeout=self.timeout if timeout is None else timeout
-        )
-
-    def emit(self, data: dict[str, Any], text: str) -> None:
-        if self.json:
-            click.echo(json.dumps(data, sort_keys=True))
-        else:
-            console.print(text, highlight=False)
-
-
-def _fail(exc: OSError, status: int = 1) -> NoReturn:
-    """One line on stderr: what failed and why, the errno, what to do; then exit."""
-    name = errno.errorcode.get(exc.errno or 0, "?")
-    message = str(exc.strerror or exc)
-    hint = getattr(exc, "hint", "")
-    if hint and message.endswith(f"; {hint}"):
-        message = message[: -len(hint) - 2]
-    # click.echo, not rich: a message must never be wrapped, nor read as markup.
-    click.echo(f"luoctl: {message} ({name})" + (f"; {hint}" if hint else ""), err=True)
-    sys.exit(status)
 
 
 def _session_error(exc: liveupdate.LiveUpdateError, name: str, hint: str) -> OSError:
@@ -126,7 +96,7 @@ def state(obj: Context) -> None:
         with obj.open() as dev:
             info = dev.get_state()
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
     data = _state_dict(info)
     if obj.json:
         obj.emit(data, "")
@@ -160,7 +130,7 @@ def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
             except OSError as exc:
                 raise _with_reason(dev, exc) from None
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
     obj.emit({"event": event.name.lower(), "generation": generation}, done)
 
 
@@ -209,7 +179,7 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
                 raise _with_reason(dev, exc) from None
         new = _wait_generation(obj, old + 1, start + wait)
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
     elapsed = time.monotonic() - start
     obj.emit(
         {"old_generation": old, "new_generation": new.generation, "seconds": elapsed,
@@ -310,19 +280,19 @@ def run(
     try:
         sys.exit(supervisor.run())
     except CommandError as exc:
-        _fail(exc, exc.status)
+        fail(exc, exc.status)
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
 
 
-def _outgoing_entry(dev: liveupdate.Device, name: str) -> dict[str, Any]:
+def _outgoing_entry(dev: liveupdate.Device, name: str) -> SessionInfo:
     start = f"start its service with 'luoctl run --session {name} -- COMMAND'"
     try:
-        entries: list[dict[str, Any]] = dev.list_sessions(name, files=False)["sessions"]
+        entries = dev.list_sessions(name, files=False).sessions
     except liveupdate.LiveUpdateError as exc:
         raise _session_error(exc, name, start) from None
     for entry in entries:
-        if entry["direction"] == "outgoing":
+        if entry.direction == uapi.SessionDirection.OUTGOING:
             return entry
     raise error_from_errno(
         errno.ENOENT, f"session {name!r}", "no outgoing session: no supervisor holds it", start
@@ -359,7 +329,7 @@ def update(obj: Context, name: str, wait: float) -> None:
     try:
         with obj.open() as dev:
             entry = _outgoing_entry(dev, name)
-        pid = int(entry["pid"])
+        pid = entry.pid
         if not _is_supervisor(pid, name):
             raise error_from_errno(
                 errno.ESRCH,
@@ -374,20 +344,19 @@ def update(obj: Context, name: str, wait: float) -> None:
             try:
                 with obj.open() as dev:
                     now = _outgoing_entry(dev, name)
-                if now["created"] != entry["created"]:
+                if now.created != entry.created:
                     break
             except liveupdate.NotFoundError:
                 pass
             if time.monotonic() > deadline:
                 raise liveupdate.LiveUpdateError(errno.ETIMEDOUT, f"{name!r} was not updated")
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
     obj.emit({"session": name, "supervisor": pid}, f"updated {name!r} (supervisor pid {pid})")
 
 
-def _describe_file(file: dict[str, Any]) -> str:
-    skip = {"token", "handler", "type"}
-    return " ".join(f"{k}={v}" for k, v in file.items() if k not in skip)
+def _describe_file(file: FileInfo) -> str:
+    return " ".join(f"{k}={v}" for k, v in file.details.items())
 
 
 @main.command()
@@ -398,167 +367,45 @@ def sessions(obj: Context, name: str | None) -> None:
     try:
         with obj.open() as dev:
             try:
-                doc = dev.list_sessions(name)
+                listing = dev.list_sessions(name)
             except liveupdate.LiveUpdateError as exc:
                 if name is None:
                     raise
                 raise _session_error(exc, name, "see 'luoctl sessions'") from None
     except OSError as exc:
-        _fail(exc)
+        fail(exc)
     if obj.json:
-        click.echo(json.dumps(doc, sort_keys=True, indent=2))
+        click.echo(json.dumps(listing.to_dict(), sort_keys=True, indent=2))
         return
     now = time.time()
     table = Table("session", "direction", "owner", "age", "token", "type", "handler", "details")
-    for entry in doc["sessions"]:
-        age = f"{now - entry['created']:.0f}s"
-        flags = " keep-on-close" if entry.get("keep_on_close") else ""
-        head = [entry["name"], entry["direction"] + flags, f"{entry['uid']}:{entry['gid']}", age]
-        files = entry.get("files", [])
+    for entry in listing.sessions:
+        age = f"{now - entry.created:.0f}s"
+        direction = direction_name(entry.direction)
+        flags = " keep-on-close" if entry.keep_on_close else ""
+        head = [entry.name, direction + flags, f"{entry.uid}:{entry.gid}", age]
+        files = entry.files or ()
         if not files:
             table.add_row(*head, "-", "-", "-", "")
         for i, file in enumerate(files):
             cells = head if i == 0 else ["", "", "", ""]
             table.add_row(
                 *cells,
-                f"{file['token']:#x}",
-                str(file.get("type", "?")),
-                file["handler"],
+                f"{file.token:#x}",
+                file.type or "?",
+                file.handler,
                 _describe_file(file),
             )
+    state = listing.state.name.lower()
     console.print(
-        f"generation {doc['generation']}, {doc['state']}, {len(doc['sessions'])} sessions"
-        + (f" ({doc['hidden']} of other users hidden)" if doc.get("hidden") else ""),
+        f"generation {listing.generation}, {state}, {len(listing.sessions)} sessions"
+        + (f" ({listing.hidden} of other users hidden)" if listing.hidden else ""),
         highlight=False,
     )
     console.print(table)
 
 
-def _decoded(compatible: str, data: bytes) -> dict[str, Any] | None:
-    from liveupdate.core.handlers import describe_data
-
-    try:
-        return describe_data(compatible, data)
-    except ValueError:
-        return None
-
-
-def _data_text(compatible: str, data: bytes) -> str:
-    decoded = _decoded(compatible, data)
-    if decoded is not None:
-        return " ".join(f"{k}={v}" for k, v in decoded.items())
-    return data.hex() if len(data) <= 32 else f"{len(data)} bytes"
-
-
-#: The largest image ``inspect`` reads unless told otherwise. A handover
-#: image of the default limits (4,096 sessions of small records) is a few
-#: MiB; anything far larger is not an image, or is better refused than read.
-INSPECT_MAX_SIZE = 64 << 20
-
-
-def _read_image(image: Path, max_size: int) -> bytes:
-    """The bytes of the regular file ``image``, at most ``max_size`` of them.
-
-    Anything else is refused before it is read: a device would be read
-    forever (``/dev/zero``), a FIFO would block. Symbolic links are followed:
-    luoctl runs with its caller's rights, and an operator may well name an
-    image through one. The type is checked on the path, so that no device is
-    even opened, then again on the opened fd, so that a file swapped in
-    between is caught; ``O_NONBLOCK`` keeps a FIFO swapped in from blocking
-    the open.
-    """
-    what = str(image)
-    try:
-        mode = os.stat(image).st_mode
-        if not stat.S_ISREG(mode):
-            raise error_from_errno(
-                errno.EINVAL, what, f"not a regular file ({file_kind(mode)})", _INSPECT_HINT
-            )
-        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except liveupdate.LiveUpdateError:
-        raise
-    except OSError as exc:
-        raise error_from_errno(exc.errno or errno.EIO, what) from None
-    with os.fdopen(fd, "rb") as file:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error_from_errno(
-                errno.EINVAL, what, f"not a regular file ({file_kind(st.st_mode)})", _INSPECT_HINT
-            )
-        # Read one byte more than allowed: a file that grew since fstat is caught too.
-        data = file.read(max_size + 1) if st.st_size <= max_size else b""
-        if st.st_size > max_size or len(data) > max_size:
-            raise error_from_errno(
-                errno.EFBIG,
-                what,
-                f"{max(st.st_size, len(data))} bytes is larger than --max-size {max_size}",
-                "a handover image is far smaller; raise --max-size to read it anyway",
-            )
-    return data
-
-
-_INSPECT_HINT = "give a handover image file, e.g. STATE_DIR/last-handover.dtb"
-
-
-@main.command()
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option(
-    "--max-size",
-    type=click.IntRange(min=1),
-    default=INSPECT_MAX_SIZE,
-    show_default=True,
-    metavar="BYTES",
-    help="Refuse an IMAGE larger than this.",
-)
-@click.pass_obj
-def inspect(obj: Context, image: Path, max_size: int) -> None:
-    """Decode a handover IMAGE file (e.g. STATE_DIR/last-handover.dtb)."""
-    # The one command that reads a core format directly: an image is a file,
-    # not a device, and decoding it must work with no luod running.
-    from liveupdate.handover_abi import HandoverError
-    from liveupdate.handover_codec import decode_image, image_to_dict
-
-    try:
-        raw = _read_image(image, max_size)
-    except OSError as exc:
-        _fail(exc)
-    try:
-        decoded = decode_image(raw)
-    except HandoverError as exc:
-        click.echo(f"luoctl: {image}: {exc}", err=True)
-        sys.exit(1)
-    data = image_to_dict(decoded)
-    # Each handler decodes its own freeze state (what it recorded at the reboot).
-    for session_dict, session in zip(data["sessions"], decoded.sessions, strict=True):
-        for file_dict, file in zip(session_dict["files"], session.files, strict=True):
-            file_dict["decoded"] = _decoded(file.compatible, file.data)
-    if obj.json:
-        click.echo(json.dumps(data, sort_keys=True, indent=2))
-        return
-    console.print(
-        f"handover image v{decoded.version}, liveupdate-number {decoded.liveupdate_number}, "
-        f"{len(decoded.sessions)} sessions"
-        + (f", written by {decoded.writer}" if decoded.writer else ""),
-        highlight=False,
-    )
-    table = Table("session", "owner uid:gid (pid)", "created", "token", "handler", "fd", "data")
-    for session in decoded.sessions:
-        name = session.name.decode(errors="backslashreplace")
-        owner = f"{session.uid}:{session.gid} ({session.pid})"
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(session.created))
-        if not session.files:
-            table.add_row(name, owner, created, "-", "-", "-", "-")
-        for i, file in enumerate(session.files):
-            table.add_row(
-                name if i == 0 else "",
-                owner if i == 0 else "",
-                created if i == 0 else "",
-                f"{file.token:#x}",
-                file.compatible,
-                str(file.fd),
-                _data_text(file.compatible, file.data),
-            )
-    console.print(table)
+main.add_command(inspect)
 
 
 if __name__ == "__main__":

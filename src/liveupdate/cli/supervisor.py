@@ -26,21 +26,21 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 import liveupdate
-from liveupdate import uapi, wire
 from liveupdate.client.service import (
     NEXT_SESSION_FD_ENV,
     SESSION_FD_ENV,
     SESSION_NAME_ENV,
     SESSION_STATE_ENV,
+    direction_name,
 )
 from liveupdate.paths import DEVICE_ENV, resolve_device
+from liveupdate.uapi import SessionDirection
 
 __all__ = ["CommandError", "Supervisor"]
 
@@ -59,27 +59,8 @@ def _die_with_parent() -> None:
 
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
-_BARRIER = wire.encode_request(uapi.LIVEUPDATE_SESSION_GET_NAME, b"\0\0\0")
-
-
-def _drain_replies(fd: int, timeout: float = 10.0) -> None:
-    """Send the barrier on session ``fd`` and read up to its EFAULT reply."""
-    sock = socket.socket(fileno=os.dup(fd))
-    try:
-        sock.settimeout(timeout)
-        wire.send_message(sock, _BARRIER)
-        while True:
-            msg = wire.recv_message(sock, wire.REPLY_HEADER.size + wire.MAX_ARG_LEN)
-            wire.close_fds(msg.fds)
-            if msg.length == 0:
-                return  # luod closed the session: nothing more will come
-            if msg.data == wire.encode_reply(-errno.EFAULT):
-                return
-    except OSError:
-        return  # a dead session: the caller finds out on its next call
-    finally:
-        sock.settimeout(None)  # the fd's file is shared: leave it blocking
-        sock.close()
+#: Seconds the fence waits for luod's answer before giving up on the session.
+_FENCE_TIMEOUT = 10.0
 
 
 def _exit_status(returncode: int) -> int:
@@ -151,7 +132,7 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.restart = restart
         self.open_timeout = open_timeout
-        self.state = "outgoing"
+        self.state = SessionDirection.OUTGOING
         self.current: liveupdate.Session | None = None
         self.next: liveupdate.Session | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -182,36 +163,42 @@ class Supervisor:
                 raise type(exc)(exc.errno, held_elsewhere) from None
             try:
                 self.current = dev.retrieve_session(self.name)
-                self.state = "incoming"
+                self.state = SessionDirection.INCOMING
                 self.next = outgoing
             except liveupdate.NotFoundError:
                 self.current = outgoing
-                self.state = "outgoing"
+                self.state = SessionDirection.OUTGOING
                 self.next = None
             except liveupdate.InvalidArgumentError as exc:
                 outgoing.close()
                 raise type(exc)(exc.errno, held_elsewhere) from None
         if self.keep_on_close:
             self.outgoing.keep_on_close()
-        _say(f"session {self.name!r} {self.state}")
+        _say(f"session {self.name!r} {direction_name(self.state)}")
 
     def _incoming_finished(self) -> bool:
         with liveupdate.open_device(self.device, timeout=self.open_timeout) as dev:
             listing = dev.list_sessions(self.name, files=False)
-        return any(s["direction"] == "incoming" and s["finished"] for s in listing["sessions"])
+        return any(
+            s.direction == SessionDirection.INCOMING and s.finished for s in listing.sessions
+        )
 
     def resync(self) -> None:
         """Discard replies meant for the dead service on the shared session sockets.
 
         The service may have died with a request in flight: luod's reply then
         waits on the socket the supervisor shares, and would be taken for the
-        answer to the supervisor's next call. A malformed request (3 argument
-        bytes: always EFAULT, never sent by the library) is a barrier: every
-        reply before its EFAULT is the dead service's.
+        answer to the supervisor's next call. :meth:`liveupdate.Session.fence`
+        (LUOD_SESSION_SYNC with a random cookie) reads up to its own answer:
+        every reply before it is the dead service's. A session that fails the
+        fence is dead (luod rebooted): the next call finds out.
         """
         for session in (self.current, self.next):
             if session is not None and not session.closed:
-                _drain_replies(session.fileno())
+                try:
+                    session.fence(_FENCE_TIMEOUT)
+                except liveupdate.LiveUpdateError:
+                    pass
 
     def _stale(self) -> bool:
         """Whether luod rebooted under us (our session fds are dead: ENODEV)."""
@@ -235,7 +222,7 @@ class Supervisor:
             self.release()
             self.acquire()
             return
-        if self.state == "incoming" and self.current is not None:
+        if self.state == SessionDirection.INCOMING and self.current is not None:
             if not self._incoming_finished():
                 _say("the service had not taken its state over: it gets the same sessions")
                 return
@@ -257,7 +244,7 @@ class Supervisor:
         env = dict(os.environ)
         env[SESSION_FD_ENV] = str(self.current.fileno())
         env[SESSION_NAME_ENV] = self.name
-        env[SESSION_STATE_ENV] = self.state
+        env[SESSION_STATE_ENV] = direction_name(self.state)
         env[DEVICE_ENV] = resolve_device(self.device)
         pass_fds = [self.current.fileno()]
         env.pop(NEXT_SESSION_FD_ENV, None)
@@ -272,7 +259,7 @@ class Supervisor:
             )
         except OSError as exc:
             raise command_error(self.argv[0], exc.errno or errno.ENOEXEC) from None
-        _say(f"started pid {self.proc.pid} ({self.state})")
+        _say(f"started pid {self.proc.pid} ({direction_name(self.state)})")
 
     def stop_service(self, sig: int) -> int:
         """Signal the service, wait up to ``stop_timeout``, then SIGKILL it."""

@@ -3,5 +3,14 @@
 from liveupdate.client.device import Device, Session, open_device
 from liveupdate.client.errors import *  # noqa: F403
 from liveupdate.client.errors import __all__ as _errors_all
+from liveupdate.client.listing import FileInfo, SessionInfo, SessionListing
 
-__all__ = ["Device", "Session", "open_device", *_errors_all]
+__all__ = [
+    "Device",
+    "FileInfo",
+    "Session",
+    "SessionInfo",
+    "SessionListing",
+    "open_device",
+    *_errors_all,
+]

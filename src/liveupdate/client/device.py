@@ -27,10 +27,11 @@ import os
 import threading
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Protocol, Self
 
 from liveupdate import paths, uapi
-from liveupdate.client.errors import InvalidArgumentError
+from liveupdate.client.errors import InvalidArgumentError, error_from_errno
+from liveupdate.client.listing import SessionListing, parse_listing
 from liveupdate.client.transport import (
     Buffer,
     KernelTransport,
@@ -251,6 +252,23 @@ class Session(_FdObject):
         )
         self.ioctl(uapi.LUOD_SESSION_UNPRESERVE_FD, arg)
 
+    def fence(self, timeout: float | None = 10.0) -> int:
+        """LUOD_SESSION_SYNC: discard the replies waiting on this fd for another process.
+
+        For a process that shares the session fd (a supervisor and its
+        service): once the other one is gone, replies to the requests it had
+        in flight wait on the fd and would be read as answers to this
+        process's next calls. The fence sends SYNC with a random cookie and
+        reads up to its answer (see
+        :meth:`~liveupdate.client.transport.SocketTransport.fence`); returns
+        how many replies were discarded. On a kernel's fd it does nothing:
+        ``ioctl(2)`` has no queue of replies. Raises ``ETIMEDOUT`` after
+        ``timeout`` seconds and :class:`~liveupdate.StaleGenerationError`
+        when luod rebooted.
+        """
+        with self._lock:
+            return self.transport.fence(self.fileno(), timeout)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
         name = self._name.decode(errors="backslashreplace") if self._name else "?"
@@ -332,13 +350,16 @@ class Device(_FdObject):
         self.ioctl(uapi.LUOD_IOCTL_SET_EVENT, arg)
         return int(arg.generation)
 
-    def list_sessions(self, name: str | bytes | None = None, files: bool = True) -> dict[str, Any]:
-        """LUOD_IOCTL_LIST_SESSIONS: the sessions this caller may see, as a dict.
+    def list_sessions(self, name: str | bytes | None = None, files: bool = True) -> SessionListing:
+        """LUOD_IOCTL_LIST_SESSIONS: the sessions this caller may see.
 
-        ``{"generation", "state", "sessions": [{"name", "direction", "uid",
-        "files": [{"token", "handler", "type", ...}], ...}], "hidden": N}``.
-        Non-root callers see their own sessions only; naming another user's
-        session raises :class:`~liveupdate.PermissionDeniedError`.
+        A :class:`~liveupdate.SessionListing` (generation, state, the
+        :class:`~liveupdate.SessionInfo` of each session with, unless
+        ``files`` is false, the :class:`~liveupdate.FileInfo` of each of its
+        files, and how many sessions of other users are hidden). Non-root
+        callers see their own sessions only; naming another user's session
+        raises :class:`~liveupdate.PermissionDeniedError`. A listing that is
+        not valid JSON, or lacks a field this library knows, is ``EPROTO``.
         """
         arg = uapi.luod_list_sessions(
             size=ctypes.sizeof(uapi.luod_list_sessions),
@@ -350,9 +371,13 @@ class Device(_FdObject):
             ctypes.memmove(arg.name, raw, len(raw))
         self.ioctl(uapi.LUOD_IOCTL_LIST_SESSIONS, arg)
         with os.fdopen(int(arg.fd), "rb") as listing:
-            doc: dict[str, Any] = json.load(listing)
-        doc["hidden"] = int(arg.hidden)
-        return doc
+            try:
+                doc = json.load(listing)
+            except ValueError as exc:
+                raise error_from_errno(
+                    errno.EPROTO, "LUOD_IOCTL_LIST_SESSIONS", f"malformed listing: {exc}"
+                ) from None
+        return parse_listing(doc, int(arg.hidden))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -371,7 +396,7 @@ def open_device(path: str | os.PathLike[str] | None = None, timeout: float = 0.0
 
     Raises:
         DeviceBusyError: still busy after ``timeout``.
-        RestoreFailedError: the daemon could not restore its incoming state.
+        OrchestratorIOError: the daemon could not restore its incoming state.
         NotFoundError: nothing at ``path`` (is luod running?).
     """
     resolved = paths.resolve_device(path)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
+from typing import TYPE_CHECKING
 
 from liveupdate import uapi
 
@@ -24,9 +26,9 @@ __all__ = [
     "NoSpaceError",
     "NotFoundError",
     "NotSupportedError",
+    "OrchestratorIOError",
     "OutOfResourcesError",
     "PermissionDeniedError",
-    "RestoreFailedError",
     "StaleGenerationError",
     "StructTooBigError",
     "call_error",
@@ -86,8 +88,15 @@ class StaleGenerationError(LiveUpdateError):
     """ENODEV: the fd belongs to a generation of luod that has since rebooted."""
 
 
-class RestoreFailedError(LiveUpdateError):
-    """EIO: the incoming handover state could not be restored."""
+class OrchestratorIOError(LiveUpdateError):
+    """EIO: the orchestrator itself failed, not the call's arguments.
+
+    Three cases answer it: the incoming handover state could not be restored
+    (every open fails until a fixed version restores it), a live update's
+    pre-flight failed (nothing changed: ``GET_STATE``'s ``last_error`` says
+    why), or an internal error. Called ``RestoreFailedError`` before
+    version 0.2, a name kept as a deprecated alias.
+    """
 
 
 class PermissionDeniedError(LiveUpdateError, PermissionError):
@@ -107,9 +116,29 @@ _BY_ERRNO: dict[int, type[LiveUpdateError]] = {
     errno.ENOMEM: OutOfResourcesError,
     errno.EMFILE: OutOfResourcesError,
     errno.ENODEV: StaleGenerationError,
-    errno.EIO: RestoreFailedError,
+    errno.EIO: OrchestratorIOError,
     errno.EACCES: PermissionDeniedError,
 }
+
+
+#: Old names still importable, with a :class:`DeprecationWarning`.
+_DEPRECATED = {"RestoreFailedError": OrchestratorIOError}
+
+if TYPE_CHECKING:
+    RestoreFailedError = OrchestratorIOError
+else:
+
+    def __getattr__(name: str) -> type[LiveUpdateError]:
+        new = _DEPRECATED.get(name)
+        if new is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{name} is deprecated: use {new.__name__} (EIO also means a failed pre-flight "
+            "or an internal error)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return new
 
 
 def error_from_errno(

@@ -41,6 +41,7 @@ __all__ = [
     "SESSION_NAME_ENV",
     "SESSION_STATE_ENV",
     "InheritedSession",
+    "direction_name",
     "inherited_session",
 ]
 
@@ -49,6 +50,14 @@ SESSION_NAME_ENV = "LIVEUPDATE_SESSION_NAME"
 SESSION_STATE_ENV = "LIVEUPDATE_SESSION_STATE"
 NEXT_SESSION_FD_ENV = "LIVEUPDATE_NEXT_SESSION_FD"
 
+#: ``LIVEUPDATE_SESSION_STATE``'s values: the directions' names in lower case.
+_DIRECTIONS = {d.name.lower(): d for d in uapi.SessionDirection}
+
+
+def direction_name(direction: uapi.SessionDirection) -> str:
+    """``direction`` as ``LIVEUPDATE_SESSION_STATE`` says it (``"incoming"``)."""
+    return direction.name.lower()
+
 
 @dataclass
 class InheritedSession:
@@ -56,15 +65,20 @@ class InheritedSession:
 
     Attributes:
         name: The session name.
-        state: ``"incoming"`` (state to take over) or ``"outgoing"`` (fresh start).
-        session: The inherited session (incoming or outgoing, per ``state``).
-        next_session: With ``incoming``: the outgoing session for the next update.
+        direction: ``INCOMING`` (state to take over) or ``OUTGOING`` (fresh start).
+        session: The inherited session (incoming or outgoing, per ``direction``).
+        next_session: With ``INCOMING``: the outgoing session for the next update.
     """
 
     name: str
-    state: str
+    direction: uapi.SessionDirection
     session: Session
     next_session: Session | None = None
+
+    @property
+    def state(self) -> str:
+        """``direction`` as the environment says it: ``"incoming"`` or ``"outgoing"``."""
+        return direction_name(self.direction)
 
     @property
     def outgoing(self) -> Session:
@@ -74,10 +88,10 @@ class InheritedSession:
     def tokens(self, device: str | None = None) -> list[int]:
         """Tokens of the files in the inherited session (luod's listing)."""
         with open_device(device, timeout=30.0) as dev:
-            doc = dev.list_sessions(self.session.raw_name)
-        for entry in doc["sessions"]:
-            if entry["direction"] == self.state:
-                return [int(f["token"]) for f in entry.get("files", [])]
+            listing = dev.list_sessions(self.session.raw_name)
+        for entry in listing.sessions:
+            if entry.direction == self.direction:
+                return [f.token for f in entry.files or ()]
         return []
 
     def restore(self, device: str | None = None) -> dict[int, int]:
@@ -87,7 +101,7 @@ class InheritedSession:
         preserves each file again under the same token in the outgoing
         session, so the next update carries them on without any more work.
         """
-        if self.state != "incoming":
+        if self.direction != uapi.SessionDirection.INCOMING:
             return {}
         fds: dict[int, int] = {}
         try:
@@ -119,15 +133,13 @@ def inherited_session(environ: dict[str, str] | None = None) -> InheritedSession
     if raw_fd is None:
         return None
     state = env.get(SESSION_STATE_ENV, "outgoing")
-    if state not in ("incoming", "outgoing"):
+    direction = _DIRECTIONS.get(state)
+    if direction is None:
         raise ValueError(f"{SESSION_STATE_ENV}={state!r}: expected incoming or outgoing")
-    direction = (
-        uapi.SessionDirection.INCOMING if state == "incoming" else uapi.SessionDirection.OUTGOING
-    )
     session = Session.from_fd(int(raw_fd), direction)
     next_fd = env.get(NEXT_SESSION_FD_ENV)
     next_session = (
         Session.from_fd(int(next_fd), uapi.SessionDirection.OUTGOING) if next_fd else None
     )
     name = env.get(SESSION_NAME_ENV) or session.name
-    return InheritedSession(name, state, session, next_session)
+    return InheritedSession(name, direction, session, next_session)

@@ -10,9 +10,11 @@ above (sessions, errors, context managers) is shared.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
+import select
 import socket
 import stat
 import struct
@@ -47,6 +49,11 @@ class Transport(Protocol):
 
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
         """Run ``cmd`` on ``fd`` with ``buf`` in and out, as the kernel would."""
+        ...
+
+    def fence(self, fd: int, timeout: float | None = None) -> int:
+        """Discard every reply waiting on session ``fd`` that answers a request
+        someone else sent; returns how many were discarded."""
         ...
 
 
@@ -84,6 +91,10 @@ class KernelTransport:
             return int(fcntl.ioctl(fd, cmd, view, True))
         except OSError as exc:
             raise call_error(cmd, exc.errno or errno.EIO, view) from None
+
+    def fence(self, fd: int, timeout: float | None = None) -> int:
+        """Nothing to discard: ``ioctl(2)`` returns its own caller's answer."""
+        return 0
 
 
 class SocketTransport:
@@ -145,9 +156,26 @@ class SocketTransport:
         info: uapi.IoctlInfo | None,
         what: str,
     ) -> int:
-        request = wire.encode_request(cmd, view)
+        fds: list[int] = []
+        if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
+            (caller_fd,) = _FD_FIELD.unpack_from(view, _FD_OFFSET)
+            if caller_fd >= 0:
+                fds.append(caller_fd)
+        fd_out = info is not None and info.fd_out
+        msg = self._exchange(sock, wire.encode_request(cmd, view), fds, fd_out, len(view), what)
+        received = msg.fds
+        try:
+            return self._accept_reply(msg, cmd, view, fd_out, what)
+        finally:
+            wire.close_fds(received)
+
+    @staticmethod
+    def _exchange(
+        sock: socket.socket, request: bytes, fds: list[int], fd_out: bool, size: int, what: str
+    ) -> wire.Message:
+        """Send one request (with the caller's fd, if any) and receive its reply."""
         spare = -1
-        if info is not None and info.fd_out:
+        if fd_out:
             # Make sure the returned fd can be installed *before* asking: if it
             # could not, the kernel would drop it on receipt, and for a
             # RETRIEVE_SESSION luod would take that as the session's close
@@ -156,11 +184,6 @@ class SocketTransport:
                 spare = os.dup(sock.fileno())
             except OSError as exc:
                 raise error_from_errno(exc.errno or errno.EMFILE, what) from None
-        fds: list[int] = []
-        if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
-            (caller_fd,) = _FD_FIELD.unpack_from(view, _FD_OFFSET)
-            if caller_fd >= 0:
-                fds.append(caller_fd)
         try:
             try:
                 wire.send_message(sock, request, fds)
@@ -173,37 +196,118 @@ class SocketTransport:
             if spare >= 0:
                 os.close(spare)
                 spare = -1
-            msg = wire.recv_message(sock, wire.REPLY_HEADER.size + len(view) + 1)
+            return wire.recv_message(sock, wire.REPLY_HEADER.size + size + 1)
         except OSError as exc:
             if spare >= 0:
                 os.close(spare)
             if exc.errno in _PEER_GONE:
                 raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)") from None
             raise error_from_errno(exc.errno or errno.EIO, what) from None
-        received = msg.fds
+
+    @staticmethod
+    def _accept_reply(
+        msg: wire.Message, cmd: int, view: memoryview, fd_out: bool, what: str
+    ) -> int:
+        """Check one reply, copy its struct into the caller's buffer, take its fd."""
+        if msg.length == 0:
+            raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+        if msg.fds_truncated:
+            raise error_from_errno(errno.EMFILE, f"{what}: no room for the returned fd")
+        if msg.truncated:
+            raise error_from_errno(errno.EPROTO, f"{what}: reply longer than the struct")
         try:
-            if msg.length == 0:
-                raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
-            if msg.fds_truncated:
-                raise error_from_errno(errno.EMFILE, f"{what}: no room for the returned fd")
-            if msg.truncated:
-                raise error_from_errno(errno.EPROTO, f"{what}: reply longer than the struct")
+            ret, out = wire.decode_reply(msg.data)
+        except wire.FramingError as exc:
+            raise error_from_errno(exc.errno, f"{what}: {exc}") from None
+        if ret < 0:
+            raise call_error(cmd, -ret, view)
+        view[: len(out)] = out
+        if fd_out:
+            if len(msg.fds) != 1:
+                raise error_from_errno(errno.EPROTO, f"{what}: reply carried no fd")
+            new_fd = msg.fds.pop()  # no longer closed by the caller's finally
+            if len(view) >= _FD_OFFSET + _FD_FIELD.size:
+                _FD_FIELD.pack_into(view, _FD_OFFSET, new_fd)
+        return ret
+
+    def fence(self, fd: int, timeout: float | None = None) -> int:
+        """LUOD_SESSION_SYNC with a fresh random cookie; discard replies up to its answer.
+
+        luod's socket carries no request ids: a reply is matched to its
+        request by order alone, and processes sharing one session fd (a
+        supervisor and its service) share one queue of replies. A service
+        killed with a request in flight leaves luod's answer in that queue,
+        where it would be taken for the answer to the next call. luod
+        answers each fd's requests in order, so every reply before the SYNC's
+        is someone else's. The cookie is random, never a constant, so that
+        no stale reply can pass for the fence's: not even the answer to a
+        SYNC the dead process sent itself.
+
+        Stale replies' fds are closed. Waiting uses ``poll`` rather than a
+        socket timeout, which would set ``O_NONBLOCK`` on the open file shared
+        with the service. ``ETIMEDOUT`` after ``timeout`` seconds, ``ENODEV``
+        when luod closed the session (it rebooted).
+        """
+        what = uapi.SESSION_SYNC.name
+        cookie = int.from_bytes(os.urandom(8), "little")
+        arg = uapi.luod_session_sync(size=ctypes.sizeof(uapi.luod_session_sync), cookie=cookie)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock = socket.socket(fileno=fd)
+        try:
             try:
-                ret, out = wire.decode_reply(msg.data)
-            except wire.FramingError as exc:
-                raise error_from_errno(exc.errno, f"{what}: {exc}") from None
-            if ret < 0:
-                raise call_error(cmd, -ret, view)
-            view[: len(out)] = out
-            if info is not None and info.fd_out:
-                if len(received) != 1:
-                    raise error_from_errno(errno.EPROTO, f"{what}: reply carried no fd")
-                new_fd = received.pop()
-                if len(view) >= _FD_OFFSET + _FD_FIELD.size:
-                    _FD_FIELD.pack_into(view, _FD_OFFSET, new_fd)
-            return ret
+                wire.send_message(sock, wire.encode_request(uapi.LUOD_SESSION_SYNC, bytes(arg)))
+            except OSError as exc:
+                raise _transport_error(exc, what) from None
+            discarded = 0
+            while True:
+                ret, reply = _next_reply(sock, deadline, what)
+                if ret == 0 and _carries_cookie(reply, cookie):
+                    return discarded
+                if ret == -errno.ENODEV:
+                    # luod answers ENODEV to everything on a dead session fd:
+                    # whoever this answer was for, the SYNC will get it too.
+                    raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+                discarded += 1
         finally:
-            wire.close_fds(received)
+            sock.detach()  # the fd stays the caller's
+
+
+def _next_reply(sock: socket.socket, deadline: float | None, what: str) -> tuple[int, bytes]:
+    """The next reply on ``sock`` (its fds closed), waiting until ``deadline``.
+
+    Returns its return value and argument bytes; a reply that does not even
+    frame is returned as ``EPROTO`` (it is discarded like any stale one).
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not poller.poll(None if left is None else int(left * 1000) + 1):
+        raise error_from_errno(errno.ETIMEDOUT, f"{what}: luod did not answer")
+    try:
+        msg = wire.recv_message(sock, wire.REPLY_HEADER.size + wire.MAX_ARG_LEN + 1)
+    except OSError as exc:
+        raise _transport_error(exc, what) from None
+    wire.close_fds(msg.fds)
+    if msg.length == 0:
+        raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+    try:
+        return wire.decode_reply(msg.data)
+    except wire.FramingError:
+        return -errno.EPROTO, b""
+
+
+def _carries_cookie(out: bytes, cookie: int) -> bool:
+    """Whether the argument bytes of a successful reply are a SYNC's carrying ``cookie``."""
+    size = ctypes.sizeof(uapi.luod_session_sync)
+    if len(out) < size:
+        return False
+    return int(uapi.luod_session_sync.from_buffer_copy(out[:size]).cookie) == cookie
+
+
+def _transport_error(exc: OSError, what: str) -> LiveUpdateError:
+    if exc.errno in _PEER_GONE:
+        return error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+    return error_from_errno(exc.errno or errno.EIO, what)
 
 
 def _open_error(path: str, err: int) -> LiveUpdateError:

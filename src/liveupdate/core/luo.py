@@ -1,11 +1,23 @@
-"""The orchestrator: device state, session lists and the device's ioctl table.
+"""The orchestrator: one generation, composed of its parts, and the device's ioctls.
 
-The analog of ``kernel/liveupdate/luo_core.c``. :class:`Orchestrator` holds
-one generation: its outgoing sessions (created now), its incoming sessions
-(handed over by the previous generation), every preserved file and the
-limits. It contains no sockets: the transport (``luod``) turns connections
-into calls of :func:`liveupdate.dispatch.dispatch` with a :class:`DeviceCall`
-or a :class:`~liveupdate.core.session.SessionCall` as context, and gives the
+The analog of ``kernel/liveupdate/luo_core.c``. :class:`Orchestrator` owns
+the state of the state machine (``docs/concepts/live-update.md``) and
+composes the pieces that own the rest, each in its own module:
+
+* :class:`~liveupdate.core.session.SessionSet` (``luo_session.c``): the
+  outgoing and incoming sessions, their files, the change counter;
+* :class:`~liveupdate.core.file.PreservedFiles` (``luo_file.c``): which
+  files count as preserved; made here, handed to the session set;
+* :mod:`liveupdate.core.policy`: limits, quotas, who may do what.
+
+The steps of a reboot are ordered by :mod:`liveupdate.core.reboot`, which
+drives an orchestrator from outside. What the orchestrator needs from the
+daemon around it is given to its constructor as :class:`Hooks`; what a
+reboot needs is a :class:`RebootHost`, which comes with each device call.
+
+It contains no sockets: the transport (``luod``) turns connections into
+calls of :func:`liveupdate.dispatch.dispatch` with a :class:`DeviceCall` or a
+:class:`~liveupdate.core.session_ops.SessionCall` as context, and gives the
 core a callback to bind a new session to an fd.
 """
 
@@ -15,93 +27,87 @@ import ctypes
 import errno
 import fcntl
 import json
-import logging
 import os
-import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from liveupdate import uapi
-from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile
-from liveupdate.core.session import (
-    Owner,
-    Session,
-    finish_session,
-    hand_over,
-    may_access,
-    parse_name,
-    quota_exempt,
-    unpreserve_all,
-)
+from liveupdate.core.file import HandlerRegistry, PreservedFile, PreservedFiles
+from liveupdate.core.policy import Limits, Owner, may_access
+from liveupdate.core.session import ReleaseCheck, Session, SessionSet
+from liveupdate.core.session_ops import parse_name
 from liveupdate.dispatch import IoctlOp
+from liveupdate.events import event
+from liveupdate.handover_abi import HandoverImage
 
 __all__ = [
     "DEVICE_OPS",
     "DeviceCall",
-    "Limits",
+    "Hooks",
     "LuoState",
     "Orchestrator",
-    "Usage",
-    "is_privileged",
+    "RebootHost",
+    "StateListener",
 ]
-
-log = logging.getLogger("liveupdate.luo")
-
-Direction = uapi.SessionDirection
-
 
 LuoState = uapi.LuodState
 
+#: Told every new state (luod writes its state file).
+StateListener = Callable[[LuoState], None]
 
-#: One MiB, for the defaults below.
-_MIB = 1 << 20
+
+def _ignore_state(_state: LuoState) -> None:
+    pass
+
+
+def _never_released(_session: Session) -> bool:
+    return False
+
+
+def _no_journal() -> int:
+    return 0
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Configurable limits and the access policy (``docs/security.md``).
+class Hooks:
+    """What an orchestrator asks of the daemon around it; every generation of
+    one daemon shares them (a restored generation is given its
+    predecessor's). The defaults do nothing (an orchestrator in a test)."""
 
-    Every preserved file and session costs luod an fd. The ``*_per_uid``
-    quotas bound what one uid can make luod hold (outgoing sessions and
-    unfinished incoming ones, with their files), so that one user cannot
-    starve the others; 0 disables a quota. uid 0 and luod's own uid are
-    exempt: they can stop luod anyway. ``fd_reserve`` fds of luod's table
-    are kept free for its own work (a reboot needs some), whoever asks.
+    #: Called with the new state whenever it changes.
+    on_state_change: StateListener = _ignore_state
+    #: The transport's "was this session's fd closed already? then release
+    #: it now" (:meth:`SessionSet.released_meanwhile`).
+    released_meanwhile: ReleaseCheck = _never_released
+    #: errno of the journal's last failed write, 0 when written or there is
+    #: no journal (GET_STATE's ``journal_error``).
+    journal_error: Callable[[], int] = _no_journal
+
+
+class RebootHost(Protocol):
+    """What the orchestrator needs from its host to update itself (luod's
+    re-exec driver); :mod:`liveupdate.core.reboot` calls it in order.
+
+    Declared here, beside :class:`DeviceCall` that carries it, so that the
+    reboot module (which drives an :class:`Orchestrator`) can import both
+    without a cycle; :mod:`liveupdate.core.reboot` exports it too.
     """
 
-    max_sessions: int = 4096
-    max_files: int = 1024
-    max_sessions_per_uid: int = 1024
-    max_files_per_uid: int = 4096
-    #: Bytes of memfd (size at preserve time) one uid may have preserved.
-    max_memfd_bytes_per_uid: int = 4096 * _MIB
-    fd_reserve: int = 64
-    #: Members of this group (primary or supplementary) may drive the state
-    #: machine like root; ``None``: root and luod's own uid only.
-    admin_gid: int | None = None
+    def preflight(self, image: HandoverImage) -> None:
+        """Have the code that runs next read ``image``; ``OSError(EIO, why)`` if it cannot."""
 
+    def begin_reboot(self, intent: HandoverImage) -> None:
+        """Record what is about to be handed over (read back only after a crash)."""
 
-@dataclass
-class Usage:
-    """What luod holds for one uid (the quotas' measure)."""
+    def freeze_hook(self, file: PreservedFile) -> None:
+        """Called after each file's freeze (tests inject faults here)."""
 
-    sessions: int = 0
-    files: int = 0
-    memfd_bytes: int = 0
+    def abort_reboot(self) -> None:
+        """The reboot failed before it was committed: forget the intent."""
 
-
-def is_privileged(owner: Owner, limits: Limits) -> bool:
-    """Who may drive the state machine: uid 0, luod's own uid, the admin group."""
-    if owner.uid in (0, os.geteuid()):
-        return True
-    gid = limits.admin_gid
-    return gid is not None and (owner.gid == gid or gid in owner.groups)
-
-
-#: A held fd costs luod an fd: counting its table exactly is costly (a
-#: directory listing), so it is only done once this close to the limit.
-_FD_COUNT_MARGIN = 256
+    def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
+        """Write the final image and start the next generation after this reply."""
 
 
 @dataclass
@@ -117,8 +123,9 @@ class DeviceCall:
     owner: Owner
     bind_session: Callable[[Session], int]
     fds_in: list[int] = field(default_factory=list)
-    #: The host that can reboot the orchestrator (a ``state.RebootHost``).
-    host: Any = None
+    #: The host that can reboot the orchestrator; ``None``: PREPARE and
+    #: REBOOT are ``EOPNOTSUPP``.
+    host: RebootHost | None = None
 
 
 class Orchestrator:
@@ -128,6 +135,13 @@ class Orchestrator:
         registry: The file handlers, asked in order.
         limits: Session and file limits.
         generation: This generation's live update number (1 on a cold start).
+        hooks: What it asks of the daemon (:class:`Hooks`).
+        lost_sessions: Sessions reported lost at this (cold) start because
+            the previous holder died.
+        lost_incomplete: The previous holder's journal was out of date:
+            ``lost_sessions`` is a lower bound.
+        restore_error: Why the incoming image could not be restored: this
+            generation then serves nothing, every open fails ``EIO``.
     """
 
     def __init__(
@@ -135,253 +149,90 @@ class Orchestrator:
         registry: HandlerRegistry,
         limits: Limits | None = None,
         generation: int = 1,
+        hooks: Hooks | None = None,
+        *,
+        lost_sessions: int = 0,
+        lost_incomplete: bool = False,
+        restore_error: str | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits or Limits()
         self.generation = generation
-        self.state = LuoState.NORMAL
-        #: Outgoing sessions by name, in creation order.
-        self.outgoing: dict[bytes, Session] = {}
-        #: Incoming sessions by name, in the previous generation's order.
-        self.incoming: dict[bytes, Session] = {}
-        #: Every file that counts as preserved, by identity: each holder
-        #: (a file in an outgoing session, or retrieved from an unfinished
-        #: incoming one) until it lets go; the file is free once none is left.
-        self.preserved: dict[FileKey, list[PreservedFile]] = {}
-        #: Why the incoming image could not be restored; opens then fail EIO.
-        self.restore_error: str | None = None
-        #: Called with the new state whenever it changes (luod's state file).
-        self.on_state_change: Callable[[LuoState], None] | None = None
-        #: Bumped by every change to what would be handed over, so a REBOOT
-        #: can tell whether the PREPARE pre-flight still covers it.
-        self.mutations = 0
-        self.prepared_mark: int | None = None
+        self.hooks = hooks or Hooks()
+        self.lost_sessions = lost_sessions
+        self.lost_incomplete = lost_incomplete
+        self.restore_error = restore_error
+        self._state = LuoState.NORMAL
         #: Why the last state event failed (GET_STATE's ``last_error``).
         self.last_error = ""
-        #: Sessions reported lost at start because the previous holder died.
-        self.lost_sessions = 0
-        #: The previous holder's journal was out of date: ``lost_sessions`` is a lower bound.
-        self.lost_incomplete = False
-        #: errno of the journal's last failed write (0: written, or no journal).
-        self.journal_error = 0
-        #: The transport's check "has this session's fd been closed? then
-        #: release it now" (see :meth:`released_meanwhile`).
-        self.reap: Callable[[Session], bool] | None = None
+        #: :attr:`SessionSet.mutations` when PREPARE's pre-flight passed.
+        self.prepared_mark: int | None = None
+        self.preserved = PreservedFiles()
+        self.sessions = SessionSet(
+            registry,
+            self.limits,
+            self.preserved,
+            self.hooks.released_meanwhile,
+            self.settle_state,
+        )
 
-    # -- state -----------------------------------------------------------
+    # -- the state machine ----------------------------------------------------------
+
+    @property
+    def state(self) -> LuoState:
+        return self._state
 
     def set_state(self, state: LuoState) -> None:
-        if state != self.state:
-            log.info("state %s -> %s", self.state.name.lower(), state.name.lower())
-            self.state = state
-            if self.on_state_change is not None:
-                self.on_state_change(state)
+        """Move to ``state``, telling the listener (no event when unchanged)."""
+        if state == self._state:
+            return
+        event("state-changed", old=self._state.name.lower(), new=state.name.lower())
+        self._state = state
+        self.hooks.on_state_change(state)
 
     def resting_state(self) -> LuoState:
         """UPDATED while an incoming session is unfinished, else NORMAL."""
-        if any(not s.finished for s in self.incoming.values()):
+        if any(not s.finished for s in self.sessions.incoming.values()):
             return LuoState.UPDATED
         return LuoState.NORMAL
 
-    def session_finished(self, session: Session) -> None:
-        """Bookkeeping once an incoming session is finished."""
-        if self.state == LuoState.UPDATED:
+    def settle_state(self) -> None:
+        """The incoming sessions changed: outside an update in progress
+        (PREPARED, FROZEN), the state follows them."""
+        if self._state in (LuoState.NORMAL, LuoState.UPDATED):
             self.set_state(self.resting_state())
 
-    # -- device operations -------------------------------------------------
+    @property
+    def journal_error(self) -> int:
+        """errno of the journal's last failed write (0: written, or no journal)."""
+        return self.hooks.journal_error()
 
-    def released_meanwhile(self, session: Session) -> bool:
-        """Whether ``session``'s fd turns out to be closed already; if so it is
-        released now, and the conflict it caused is gone.
-
-        A close travels asynchronously over a socket, while Linux's close is
-        synchronous: before answering EEXIST, EBUSY or EINVAL because of a
-        session, the core asks the transport (:attr:`reap`) to check.
-        """
-        return self.reap is not None and self.reap(session)
+    # -- the device's operations --------------------------------------------------
 
     def check_open(self) -> None:
         """Whether the device may be opened at all in this generation (``EIO``)."""
         if self.restore_error is not None:
             raise OSError(errno.EIO, f"incoming handover state unusable: {self.restore_error}")
 
-    # -- what is held, by whom -------------------------------------------------
-
-    def holders(self, key: FileKey) -> list[PreservedFile]:
-        """The files of identity ``key`` that count as preserved now."""
-        return self.preserved.get(key, [])
-
-    def hold(self, file: PreservedFile) -> None:
-        """``file`` counts as preserved (idempotent)."""
-        held = self.preserved.setdefault(file.key, [])
-        if not any(h is file for h in held):
-            held.append(file)
-
-    def let_go(self, file: PreservedFile) -> None:
-        """``file`` no longer counts as preserved; others of its identity still may."""
-        held = self.preserved.get(file.key)
-        if held is None:
-            return
-        held[:] = [h for h in held if h is not file]
-        if not held:
-            del self.preserved[file.key]
-
-    def held_sessions(self) -> list[Session]:
-        """Every session luod holds for somebody: outgoing, and unfinished incoming."""
-        return [
-            *self.outgoing.values(),
-            *(s for s in self.incoming.values() if not s.finished),
-        ]
-
-    def usage(self, uid: int) -> Usage:
-        """What luod holds for ``uid`` now (computed, so it can never drift)."""
-        usage = Usage()
-        for session in self.held_sessions():
-            if session.owner.uid == uid:
-                usage.sessions += 1
-                usage.files += len(session.files)
-                usage.memfd_bytes += sum(f.charge for f in session.files.values())
-        return usage
-
-    def check_fd_reserve(self) -> None:
-        """``EMFILE`` when holding one more fd would eat into luod's reserve.
-
-        The reserve keeps a reboot (image, pre-flight pipes, exec) and the
-        operator's own device connection possible however much is held.
-        """
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY:
-            return
-        # A quarter of the table at most: a tiny RLIMIT_NOFILE stays usable.
-        reserve = min(self.limits.fd_reserve, soft // 4)
-        if reserve <= 0:
-            return
-        # Sessions and files each cost one fd; a few more are luod's own.
-        estimate = sum(1 + len(s.files) for s in self.held_sessions())
-        if estimate + reserve + _FD_COUNT_MARGIN < soft:
-            return
-        in_use = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
-        if in_use + reserve >= soft:
-            raise OSError(
-                errno.EMFILE,
-                f"luod holds {in_use} fds of {soft}; the last {reserve} are kept for "
-                "its own work (a reboot)",
-            )
-
-    def _check_session_quota(self, owner: Owner) -> None:
-        quota = self.limits.max_sessions_per_uid
-        if quota <= 0 or quota_exempt(owner):
-            return
-        if self.usage(owner.uid).sessions >= quota:
-            for session in list(self.outgoing.values()):
-                if session.owner.uid == owner.uid:
-                    self.released_meanwhile(session)
-            if self.usage(owner.uid).sessions >= quota:
-                raise OSError(errno.ENOMEM, f"uid {owner.uid} holds {quota} sessions (its quota)")
-
-    def _waiting_clash(self, name: bytes, owner: Owner) -> None:
-        """``EEXIST`` when a session handed over under ``name`` waits for its
-        successor and the caller is not its owner (nor root).
-
-        Both would be incoming after the reboot, which therefore refuses
-        such a clash: refused here, another user can never block every
-        reboot this way. The owner may create the name (a successor such as
-        ``luoctl run`` creates before it retrieves); the reboot still checks.
-        """
-        waiting = self.incoming.get(name)
-        if waiting is None or not waiting.handed_over or waiting.retrieved:
-            return
-        if waiting.finished or may_access(waiting, owner):
-            return
-        raise OSError(
-            errno.EEXIST,
-            "a session handed over under this name waits for its successor",
-        )
-
     def create_session(self, name: bytes, owner: Owner) -> Session:
-        """A new outgoing session.
-
-        Checks: name, limit (``ENOMEM``), per-uid quota (``ENOMEM``), fd
-        reserve (``EMFILE``), name in use (``EEXIST``).
-        """
-        if self.state == LuoState.FROZEN:
+        """A new outgoing session (``EBUSY`` while frozen for a reboot; see
+        :meth:`SessionSet.create` for the other checks)."""
+        if self._state == LuoState.FROZEN:
             raise OSError(errno.EBUSY, "a live update is in progress")
-        if len(self.outgoing) >= self.limits.max_sessions:
-            for session in list(self.outgoing.values()):
-                self.released_meanwhile(session)
-            if len(self.outgoing) >= self.limits.max_sessions:
-                raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
-        self._check_session_quota(owner)
-        self.check_fd_reserve()
-        existing = self.outgoing.get(name)
-        if existing is not None and not self.released_meanwhile(existing):
-            raise OSError(errno.EEXIST, "an outgoing session already has this name")
-        self._waiting_clash(name, owner)
-        session = Session(name, Direction.OUTGOING, owner)
-        self.outgoing[name] = session
-        self.mutations += 1
-        return session
+        return self.sessions.create(name, owner)
 
     def retrieve_session(self, name: bytes, owner: Owner) -> Session:
-        """The incoming session ``name``: ``ENOENT`` if none, ``EINVAL`` if taken."""
-        session = self.incoming.get(name)
-        if session is None:
-            raise OSError(errno.ENOENT, "no incoming session has this name")
-        if not may_access(session, owner):
-            raise OSError(errno.EACCES, "this session belongs to another user")
-        if session.retrieved and self.released_meanwhile(session):
-            raise OSError(errno.ENOENT, "no incoming session has this name")
-        if session.retrieved:
-            raise OSError(errno.EINVAL, "this session was already retrieved")
-        session.retrieved = True
-        return session
+        """The incoming session ``name`` (see :meth:`SessionSet.retrieve`)."""
+        return self.sessions.retrieve(name, owner)
 
     def release_session(self, session: Session) -> None:
-        """The session's fd was closed.
-
-        Outgoing: unpreserve every file (last first) and free the name.
-        Incoming: finish it implicitly; its name then gives ``ENOENT``.
-        """
-        if session.direction == Direction.OUTGOING:
-            if session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE:
-                try:
-                    # Its holder is gone without a hand-over (crashed): the
-                    # successor gets the session instead of losing it.
-                    hand_over(self, session, replace=True)
-                    log.warning("session %s kept on close", session.display_name)
-                    return
-                except Exception as exc:  # a handler's bug must not keep the files
-                    log.error(
-                        "session %s: keep-on-close hand-over failed (%s); files released",
-                        session.display_name,
-                        getattr(exc, "strerror", None) or exc,
-                    )
-            if self.outgoing.get(session.name) is session:
-                del self.outgoing[session.name]
-            unpreserve_all(self, session)
-            self.mutations += 1
-            return
-        if not session.finished:
-            finish_session(self, session, force=True)
-        if self.incoming.get(session.name) is session:
-            del self.incoming[session.name]
-        self.session_finished(session)
+        """The session's fd was closed (see :meth:`SessionSet.release`)."""
+        self.sessions.release(session)
 
     def close(self) -> None:
         """Release everything this generation holds (daemon shutdown)."""
-        for session in reversed(list(self.outgoing.values())):
-            self.release_session(session)
-        for session in list(self.incoming.values()):
-            for file in session.files.values():
-                file.release()
-        self.incoming.clear()
+        self.sessions.close()
         self.preserved.clear()
-
-    @property
-    def file_count(self) -> int:
-        """Files held in outgoing and unfinished incoming sessions."""
-        sessions = [*self.outgoing.values(), *self.incoming.values()]
-        return sum(len(s.files) for s in sessions if not s.finished)
 
 
 # -- the device's ioctl table ------------------------------------------------
@@ -394,7 +245,7 @@ def _create_session(call: DeviceCall, arg: ctypes.Structure) -> int:
     try:
         fd = call.bind_session(session)
     except OSError:
-        del call.luo.outgoing[name]
+        call.luo.sessions.abandon(session)
         raise
     arg.fd = -1
     return fd
@@ -407,15 +258,15 @@ def _retrieve_session(call: DeviceCall, arg: ctypes.Structure) -> int:
     try:
         fd = call.bind_session(session)
     except OSError:
-        session.retrieved = False
+        call.luo.sessions.unretrieve(session)
         raise
     arg.fd = -1
     return fd
 
 
-def describe_session(session: Session, with_files: bool) -> dict[str, Any]:
+def describe_session(session: Session, with_files: bool) -> dict[str, object]:
     """One session of the listing (LUOD_IOCTL_LIST_SESSIONS)."""
-    desc: dict[str, Any] = {
+    desc: dict[str, object] = {
         "name": session.name.decode(errors="backslashreplace"),
         "direction": session.direction.name.lower(),
         "uid": session.owner.uid,
@@ -434,7 +285,7 @@ def describe_session(session: Session, with_files: bool) -> dict[str, Any]:
     elif with_files:
         files = []
         for file in session.files.values():
-            entry: dict[str, Any] = {"token": file.token, "handler": file.handler.compatible}
+            entry: dict[str, object] = {"token": file.token, "handler": file.handler.compatible}
             try:
                 entry.update(file.handler.describe(file))
             except OSError as exc:
@@ -467,15 +318,15 @@ def _list_sessions(call: DeviceCall, arg: ctypes.Structure) -> int:
     if arg.flags & ~uapi.LUOD_LIST_FLAGS:
         raise OSError(errno.EOPNOTSUPP, f"unknown flags {arg.flags:#x}")
     luo = call.luo
-    sessions = [*luo.outgoing.values(), *luo.incoming.values()]
+    sessions = [*luo.sessions.outgoing.values(), *luo.sessions.incoming.values()]
     if arg.name[0]:
         name = parse_name(arg.name)
         sessions = [s for s in sessions if s.name == name]
         if not sessions:
             raise OSError(errno.ENOENT, "no session has this name")
-        if not any(may_access(s, call.owner) for s in sessions):
+        if not any(may_access(s.owner, call.owner) for s in sessions):
             raise OSError(errno.EACCES, "this session belongs to another user")
-    visible = [s for s in sessions if may_access(s, call.owner)]
+    visible = [s for s in sessions if may_access(s.owner, call.owner)]
     doc = {
         "generation": luo.generation,
         "state": luo.state.name.lower(),

@@ -1,202 +1,276 @@
-"""The live update of the orchestrator: freeze, serialize, restore.
+"""The live update of the orchestrator: the order of its steps, and the
+state machine's device ioctls (GET_STATE, SET_EVENT).
 
-The analog of LUO's reboot notifier plus KHO: before the kexec, Linux freezes
-every outgoing session and serializes it into the KHO tree; the next kernel
-restores the sessions as incoming. Here:
+The analog of LUO's reboot path in ``kernel/liveupdate/luo_core.c`` (the
+reboot notifier calling ``luo_session_serialize``, then KHO), plus the v2
+series' global state machine that luod keeps for its own update::
 
-1. :func:`freeze` freezes every outgoing session in creation order and every
-   file in preservation order, rolling everything back (reverse order) when
-   one freeze fails, and returns the :class:`HandoverImage`;
-2. the transport writes the image and re-executes (``luod``) with every
-   preserved fd inherited, or stays in-process (``--no-exec``);
-3. :func:`restore` builds the next :class:`Orchestrator` from the image and
+    NORMAL --PREPARE--> PREPARED --REBOOT--> FROZEN --(next generation)--> UPDATED
+       ^                  |                                                  |
+       +-----CANCEL-------+                     last incoming session finished
+       +-------------------------------------------------------------------+
+
+REBOOT is also accepted from NORMAL (the pre-flight then runs implicitly) and
+from UPDATED (unfinished incoming sessions are released, as in Linux).
+
+This module only *orders* the steps; each piece of state is changed by its
+owner. A reboot:
+
+1. writes the intent (what is about to be handed over) through the host;
+2. runs the pre-flight unless PREPARE's still covers every change;
+3. freezes every outgoing session (:meth:`SessionSet.freeze`, rolled back
+   when a file fails) and commits the image through the host, which then
+   re-executes (``luod``) with every preserved fd inherited, or stays
+   in-process (``--no-exec``);
+4. :func:`restore` builds the next :class:`Orchestrator` from the image and
    the inherited fds. A failure leaves nothing half-restored: the caller
    keeps the old fds and the image, and every open answers ``EIO``.
 
-Incoming sessions of the ending generation that were never finished are not
-in the image: their files are released by the reboot (their fds are
-close-on-exec).
+The orchestrator decides; the *host* (:class:`RebootHost`, luod's re-exec
+driver) does what needs the outside world.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import os
 from collections.abc import Callable
 
 from liveupdate import uapi
-from liveupdate.core.file import HandlerRegistry, PreservedFile
-from liveupdate.core.luo import Limits, Orchestrator
-from liveupdate.core.session import Owner, Session
-from liveupdate.handover_abi import (
-    IMAGE_FLAG_AWAITING_SUCCESSOR,
-    FileRecord,
-    HandoverImage,
-    SessionRecord,
-)
+from liveupdate.core.file import FreezeHook, HandlerRegistry
+from liveupdate.core.luo import DeviceCall, Hooks, Orchestrator, RebootHost
+from liveupdate.core.policy import Limits, Owner, is_privileged
+from liveupdate.core.session import Session
+from liveupdate.dispatch import IoctlOp
+from liveupdate.handover_abi import HandoverImage
 
 __all__ = [
-    "FreezeHook",
+    "STATE_OPS",
+    "RebootHost",
+    "cancel",
+    "finish_all",
     "freeze",
+    "prepare",
     "preserved_fds",
     "restore",
-    "session_record",
     "snapshot",
-    "unfreeze",
+    "start_reboot",
 ]
 
-#: Called after each file's freeze (fault injection in tests, progress).
-FreezeHook = Callable[[PreservedFile], None]
-
-
-def session_record(session: Session) -> SessionRecord:
-    """The image record of one session (its files' data as last frozen)."""
-    waiting = session.handed_over and not session.retrieved
-    return SessionRecord(
-        name=session.name,
-        uid=session.owner.uid,
-        gid=session.owner.gid,
-        pid=session.owner.pid,
-        created=session.created,
-        flags=session.flags | (IMAGE_FLAG_AWAITING_SUCCESSOR if waiting else 0),
-        files=[
-            FileRecord(f.token, f.handler.compatible, f.fd, f.data) for f in session.files.values()
-        ],
-    )
+State = uapi.LuodState
+Event = uapi.LuodEvent
 
 
 def snapshot(luo: Orchestrator, writer: str = "") -> HandoverImage:
-    """The image of the outgoing sessions as they are, without freezing.
+    """The image of what would be handed over, as it is, without freezing.
 
     Written before the freeze starts so that a holder killed mid-reboot
     leaves a record of what it held (the next cold start reports it lost).
     """
-    return HandoverImage(
-        liveupdate_number=luo.generation,
-        sessions=[session_record(s) for s in handed_over_sessions(luo)],
-        writer=writer,
-    )
+    return HandoverImage(luo.generation, luo.sessions.records(), writer=writer)
 
 
-def handed_over_sessions(luo: Orchestrator) -> list[Session]:
-    """What the next generation receives: every outgoing session, then the
-    incoming sessions that a per-session update or keep-on-close handed over
-    and that nobody retrieved yet (they still wait for their successor).
-    Other unfinished incoming sessions are released, as in Linux."""
-    waiting = [s for s in luo.incoming.values() if s.handed_over and not s.retrieved]
-    return [*luo.outgoing.values(), *waiting]
-
-
-def freeze(luo: Orchestrator, writer: str = "", hook: FreezeHook | None = None) -> HandoverImage:
-    """Freeze every outgoing session and return the handover image.
-
-    Sessions are frozen in creation order, files in preservation order; each
-    handler's data is kept in ``PreservedFile.data``. On failure every file
-    frozen so far is unfrozen, last first, and the handler's
-    :class:`OSError` propagates: nothing changed.
-    """
-    freeze_files([f for s in luo.outgoing.values() for f in s.files.values()], hook)
-    return snapshot(luo, writer)
-
-
-def freeze_files(files: list[PreservedFile], hook: FreezeHook | None = None) -> None:
-    """Freeze ``files`` in order; on failure unfreeze those done, last first, and re-raise."""
-    frozen: list[PreservedFile] = []
-    try:
-        for file in files:
-            file.data = file.handler.freeze(file)
-            frozen.append(file)
-            if hook is not None:
-                hook(file)
-    except BaseException:
-        unfreeze(frozen)
-        raise
-
-
-def unfreeze(files: list[PreservedFile]) -> None:
-    """Undo freezes in reverse order (a failing unfreeze does not stop the others)."""
-    for file in reversed(files):
-        try:
-            file.handler.unfreeze(file)
-        except OSError:
-            pass
-
-
-def thaw(luo: Orchestrator) -> None:
-    """Unfreeze every outgoing file (a reboot that could not proceed)."""
-    unfreeze([f for s in luo.outgoing.values() for f in s.files.values()])
+def freeze(luo: Orchestrator, hook: FreezeHook | None = None) -> HandoverImage:
+    """Freeze every outgoing session and return the handover image; on
+    failure nothing changed and the handler's error propagates."""
+    luo.sessions.freeze(hook)
+    return snapshot(luo)
 
 
 def preserved_fds(luo: Orchestrator) -> list[int]:
     """Every fd the next generation must inherit, in image order."""
-    return [f.fd for s in handed_over_sessions(luo) for f in s.files.values()]
+    return [fd for s in luo.sessions.handed_over() for fd in s.files.fds()]
+
+
+def _fail(luo: Orchestrator, exc: OSError) -> OSError:
+    luo.last_error = exc.strerror or str(exc)
+    return exc
+
+
+def _dry_run_image(luo: Orchestrator) -> HandoverImage:
+    """Freeze and thaw at once: proves every file can freeze, yields the image."""
+    image = freeze(luo)
+    luo.sessions.thaw()
+    return image
+
+
+def prepare(luo: Orchestrator, host: RebootHost) -> None:
+    """PREPARE: run the pre-flight and move to PREPARED."""
+    if luo.state == State.FROZEN:
+        raise OSError(errno.EBUSY, "a reboot is in progress")
+    try:
+        host.preflight(_dry_run_image(luo))
+    except OSError as exc:
+        raise _fail(luo, exc) from None
+    luo.last_error = ""
+    luo.prepared_mark = luo.sessions.mutations
+    luo.set_state(State.PREPARED)
+
+
+def cancel(luo: Orchestrator) -> None:
+    """CANCEL: leave PREPARED."""
+    if luo.state != State.PREPARED:
+        raise _fail(luo, OSError(errno.EINVAL, "not prepared: nothing to cancel"))
+    luo.prepared_mark = None
+    luo.set_state(luo.resting_state())
+
+
+def _check_names(luo: Orchestrator) -> None:
+    """The next generation gets one incoming session per name: refuse a clash.
+
+    A handed-over session still waiting for its successor and an outgoing
+    session of the same name would both be incoming after the reboot.
+    CREATE_SESSION refuses such a name to anyone but the waiting session's
+    owner (and root): only they can be in this situation.
+    """
+    waiting = {s.name for s in luo.sessions.incoming.values() if s.waiting}
+    for name in luo.sessions.outgoing:
+        if name in waiting:
+            shown = name.decode(errors="backslashreplace")
+            raise OSError(
+                errno.EEXIST,
+                f"session {shown!r} is both outgoing and handed over waiting for its "
+                "successor: retrieve it, or release it with FINISH, before rebooting",
+            )
+
+
+def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
+    """REBOOT: pre-flight if needed, freeze everything, commit the image.
+
+    The next generation starts after the reply (the host's business). On
+    any failure (of any kind: a third-party handler may raise anything) the
+    frozen files are thawed, the intent is dropped and the state restored.
+    """
+    if luo.state == State.FROZEN:
+        raise OSError(errno.EBUSY, "a reboot is in progress")
+    try:
+        _check_names(luo)
+    except OSError as exc:
+        raise _fail(luo, exc) from None
+    previous = luo.state
+    # The intent goes to disk first: a holder killed from here on (even in
+    # the pre-flight) leaves a record of what it held.
+    host.begin_reboot(snapshot(luo))
+    frozen = False
+    try:
+        checked = previous == State.PREPARED and luo.prepared_mark == luo.sessions.mutations
+        if not checked and not no_exec:
+            host.preflight(_dry_run_image(luo))
+        luo.set_state(State.FROZEN)
+        image = freeze(luo, host.freeze_hook)
+        frozen = True
+        host.commit_reboot(image, no_exec)
+    except Exception as exc:
+        if frozen:
+            luo.sessions.thaw()
+        host.abort_reboot()
+        luo.set_state(previous)
+        if not isinstance(exc, OSError):
+            exc = OSError(errno.EIO, f"reboot failed: {type(exc).__name__}: {exc}")
+        raise _fail(luo, exc) from None
+    luo.last_error = ""
+
+
+def finish_all(luo: Orchestrator, owner: Owner | None = None) -> None:
+    """FINISH: finish every incoming session; all-or-nothing on refusals.
+
+    With ``owner`` (an unprivileged caller), only the incoming sessions that
+    ``owner``'s uid owns: nobody discards another user's state.
+    """
+    try:
+        luo.sessions.finish_incoming(owner)
+    except OSError as exc:
+        raise _fail(luo, exc) from None
+    if luo.state != State.PREPARED:  # a prepared update stays prepared
+        luo.set_state(luo.resting_state())
 
 
 def restore(
     image: HandoverImage,
     registry: HandlerRegistry,
     limits: Limits | None = None,
-    hook: Callable[[Session], None] | None = None,
+    hooks: Hooks | None = None,
+    on_session: Callable[[Session], None] | None = None,
 ) -> Orchestrator:
     """Build the next generation from ``image`` and the inherited fds it names.
 
-    Every file's handler is looked up by compatible string and asked to
-    check its data against the inherited fd. Raises :class:`OSError`
-    (``EIO``) with the reason when anything does not fit; nothing is closed
-    in that case, so a fixed version can try again with the same fds.
+    Raises :class:`OSError` (``EIO``) with the reason when anything does not
+    fit; nothing is closed in that case, so a fixed version can try again
+    with the same fds. ``on_session`` is called after each restored session
+    (fault injection).
     """
-    luo = Orchestrator(registry, limits, generation=image.liveupdate_number + 1)
-    for record in image.sessions:
-        session = Session(
-            record.name,
-            uapi.SessionDirection.INCOMING,
-            Owner(record.pid, record.uid, record.gid),
-            created=record.created,
-            flags=record.flags & ~IMAGE_FLAG_AWAITING_SUCCESSOR,
-            handed_over=bool(record.flags & IMAGE_FLAG_AWAITING_SUCCESSOR),
-        )
-        for rec in record.files:
-            handler = registry.by_compatible(rec.compatible)
-            if handler is None:
-                known = ", ".join(registry.compatibles)
-                raise OSError(
-                    errno.EIO,
-                    f"session {session.display_name!r} token {rec.token:#x}: no handler "
-                    f"{rec.compatible!r} in this version (known: {known})",
-                )
-            try:
-                st = os.fstat(rec.fd)
-            except OSError:
-                raise OSError(
-                    errno.EIO,
-                    f"session {session.display_name!r} token {rec.token:#x}: "
-                    f"inherited fd {rec.fd} is not open",
-                ) from None
-            file = PreservedFile(
-                rec.token,
-                handler,
-                rec.fd,
-                handler.file_key(rec.fd, st),
-                rec.data,
-                session=session,
-                charge=handler.charged_bytes(rec.fd, st),
-            )
-            try:
-                handler.restore(file)
-            except OSError as exc:
-                raise OSError(
-                    errno.EIO,
-                    f"session {session.display_name!r} token {rec.token:#x}: "
-                    f"{rec.compatible} cannot restore: {exc.strerror}",
-                ) from None
-            session.files[rec.token] = file
-        luo.incoming[session.name] = session
-        if hook is not None:
-            hook(session)
-    # Only now that everything fits do the inherited fds become ours alone.
-    for session in luo.incoming.values():
-        for file in session.files.values():
-            os.set_inheritable(file.fd, False)
-    if luo.incoming:
-        luo.state = uapi.LuodState.UPDATED
+    luo = Orchestrator(registry, limits, generation=image.liveupdate_number + 1, hooks=hooks)
+    luo.sessions.restore(image.sessions, on_session)
     return luo
+
+
+# -- the state machine's device ioctls ----------------------------------------------
+
+
+def _get_state(call: DeviceCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_get_state)
+    luo = call.luo
+    arg.state = luo.state
+    arg.generation = luo.generation
+    arg.outgoing_sessions = len(luo.sessions.outgoing)
+    arg.incoming_sessions = len(luo.sessions.incoming)
+    arg.preserved_files = luo.sessions.file_count
+    arg.max_sessions = luo.limits.max_sessions
+    arg.max_files = luo.limits.max_files
+    arg.lost_sessions = luo.lost_sessions
+    arg.journal_error = luo.journal_error
+    arg.flags = uapi.LUOD_STATE_LOST_INCOMPLETE if luo.lost_incomplete else 0
+    text = luo.last_error.encode(errors="replace")[: uapi.LUOD_ERROR_LENGTH - 1]
+    ctypes.memmove(arg.last_error, text, len(text))
+
+
+def _host(call: DeviceCall) -> RebootHost:
+    if call.host is None:
+        raise OSError(errno.EOPNOTSUPP, "this transport cannot reboot the orchestrator")
+    return call.host
+
+
+def _parse_event(arg: uapi.luod_set_event) -> Event:
+    """The event asked for, after the checks every caller gets."""
+    if arg.reserved:
+        raise OSError(errno.EINVAL, "reserved must be 0")
+    if arg.event not in Event.__members__.values():
+        raise OSError(errno.EOPNOTSUPP, f"unknown event {arg.event}")
+    if arg.flags & ~uapi.LUOD_SET_EVENT_FLAGS:
+        raise OSError(errno.EOPNOTSUPP, f"unknown flags {arg.flags:#x}")
+    event = Event(arg.event)
+    if arg.flags and event != Event.REBOOT:
+        raise OSError(errno.EINVAL, "flags are only valid with REBOOT")
+    return event
+
+
+def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_set_event)
+    event = _parse_event(arg)
+    luo = call.luo
+    privileged = is_privileged(call.owner, luo.limits)
+    if event != Event.FINISH and not privileged:
+        # Checked before last_error is touched: a refused caller changes nothing.
+        raise OSError(
+            errno.EACCES,
+            f"uid {call.owner.uid} may not {event.name.lower()} a live update "
+            "(root, luod's user or its --admin-group only)",
+        )
+    luo.last_error = ""  # the reason of *this* event's failure, if any
+    arg.generation = luo.generation
+    if event == Event.PREPARE:
+        prepare(luo, _host(call))
+    elif event == Event.CANCEL:
+        cancel(luo)
+    elif event == Event.REBOOT:
+        start_reboot(luo, _host(call), bool(arg.flags & uapi.LUOD_REBOOT_NO_EXEC))
+    else:
+        finish_all(luo, None if privileged else call.owner)
+
+
+#: The state machine's device ioctls; :func:`liveupdate.core.tables.device_table`
+#: adds them to the device's own.
+STATE_OPS: list[IoctlOp[DeviceCall]] = [
+    IoctlOp(uapi.GET_STATE, _get_state),
+    IoctlOp(uapi.SET_EVENT, _set_event),
+]

@@ -1,105 +1,83 @@
-"""Sessions: named groups of preserved files, and the session fd's ioctl table.
+"""Sessions: named groups of preserved files, and the set of them.
 
 The analog of ``kernel/liveupdate/luo_session.c``. A session is *outgoing*
 when it was created in this generation (files can be added) and *incoming*
 when it was handed over by the previous one (files can be taken back, then
 the session is finished).
 
-The session ioctls are implemented here as small handlers behind the generic
-dispatcher; each receives a :class:`SessionCall` and a zero-filled struct and
-raises :class:`OSError` with the contract's errno on failure.
+:class:`SessionSet` owns both sets of sessions: the outgoing and incoming
+dicts, the counter of changes to what would be handed over, create,
+retrieve, release, hand-over and finish, the per-uid quotas, and the
+image's :class:`~liveupdate.handover_abi.SessionRecord` both ways. Each
+session's files are its :class:`~liveupdate.core.file.FileSet`. The set
+reaches outside only through its constructor's two callbacks: the
+transport's close check and the orchestrator's "incoming sessions changed".
+
+The session fd's ioctls are in :mod:`liveupdate.core.session_ops`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
-import os
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from liveupdate import uapi
-from liveupdate.core.file import FileKey, HandlerRegistry, PreservedFile
-from liveupdate.dispatch import IoctlOp
+from liveupdate.core.file import (
+    FileSet,
+    FreezeHook,
+    HandlerRegistry,
+    PreservedFile,
+    PreservedFiles,
+    usable_fd,
+)
+from liveupdate.core.policy import Limits, Owner, Usage, check_fd_reserve, may_access, quota_exempt
+from liveupdate.events import event
+from liveupdate.handover_abi import IMAGE_FLAG_AWAITING_SUCCESSOR, SessionRecord
 
-if TYPE_CHECKING:
-    from liveupdate.core.luo import Orchestrator
-
-__all__ = ["SESSION_OPS", "Owner", "Session", "SessionCall", "parse_name", "quota_exempt"]
+__all__ = [
+    "ReleaseCheck",
+    "Session",
+    "SessionSet",
+    "session_record",
+]
 
 Direction = uapi.SessionDirection
-_O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Credentials of the process that created a session (``SO_PEERCRED``).
-
-    ``groups``: the peer's supplementary groups when the transport knows them
-    (``SO_PEERGROUPS``, taken at connect time like the rest); not kept in
-    the handover image.
-    """
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-
-def quota_exempt(owner: Owner) -> bool:
-    """uid 0 and luod's own uid are not held to the per-uid quotas."""
-    return owner.uid in (0, os.geteuid())
-
-
-def parse_name(field_: ctypes.Array[ctypes.c_uint8]) -> bytes:
-    """Validate a 64-byte name field: 1..63 bytes then a NUL, else ``EINVAL``.
-
-    Bytes after the first NUL are ignored, as in Linux.
-    """
-    raw = bytes(field_)
-    end = raw.find(b"\0")
-    if end < 0:
-        raise OSError(errno.EINVAL, "session name has no terminating NUL")
-    if end == 0:
-        raise OSError(errno.EINVAL, "session name is empty")
-    return raw[:end]
 
 
 @dataclass(eq=False)
 class Session:
     """One session and its files in preservation order.
 
-    Attributes:
-        name: 1 to 63 bytes, no NUL.
-        direction: Outgoing (this generation) or incoming (handed over).
-        owner: Who created it; kept across reboots.
-        created: When it was first created (Unix time), kept across reboots.
-        flags: Extension flags kept across reboots.
-        files: Token -> file, in preservation order (dicts keep it).
-        retrieved: An incoming session that was retrieved (it can be once).
-        finished: An incoming session that was finished.
-        endpoint: Whatever the transport attached (luod's socket end).
+    ``name`` is 1 to 63 bytes, no NUL; ``owner`` (its creator), ``created``
+    (Unix time) and ``flags`` travel with it across reboots. ``retrieved``
+    and ``finished`` are an incoming session's progress; ``handed_over``
+    marks one handed over by a per-session update or keep-on-close (not by
+    a reboot): it waits for its successor even across a reboot of luod.
+    ``endpoint`` is whatever the transport attached; the core never looks.
     """
 
     name: bytes
     direction: uapi.SessionDirection
     owner: Owner
+    files: FileSet
     created: float = field(default_factory=time.time)
     flags: int = 0
-    files: dict[int, PreservedFile] = field(default_factory=dict)
     retrieved: bool = False
     finished: bool = False
-    endpoint: Any = None
-    #: Handed over by a per-session update or keep-on-close (not by a
-    #: reboot): it waits for its successor even across a reboot of luod.
+    endpoint: object | None = None
     handed_over: bool = False
 
     @property
     def display_name(self) -> str:
         return self.name.decode(errors="backslashreplace")
+
+    @property
+    def waiting(self) -> bool:
+        """Handed over and not retrieved yet: it waits for its successor."""
+        return self.handed_over and not self.retrieved
 
     def __repr__(self) -> str:
         return (
@@ -107,274 +85,421 @@ class Session:
         )
 
 
-@dataclass
-class SessionCall:
-    """Context of one ioctl on a session fd.
+#: The transport's check "has this session's fd been closed already? then
+#: release it now" (see :meth:`SessionSet.released_meanwhile`).
+ReleaseCheck = Callable[[Session], bool]
 
-    ``fds_in`` are the fds that came with the call; a handler that keeps one
-    removes it from the list, and the transport closes whatever is left.
+
+class SessionSet:
+    """The outgoing and incoming sessions of one generation.
+
+    Args:
+        registry: The file handlers, asked in order.
+        limits: Session and file limits, quotas.
+        preserved: The orchestrator's "counts as preserved" table.
+        released_meanwhile: The transport's close check (:data:`ReleaseCheck`).
+        incoming_changed: Called after an incoming session appeared or was
+            finished (the orchestrator settles its state).
     """
 
-    luo: Orchestrator
-    session: Session
-    fds_in: list[int] = field(default_factory=list)
-    #: Who sent this call (``SCM_CREDENTIALS``), when the transport knows.
-    caller: Owner | None = None
-    #: Closes the caller's session fd once the reply is sent (the transport's).
-    detach: Callable[[], None] | None = None
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        limits: Limits,
+        preserved: PreservedFiles,
+        released_meanwhile: ReleaseCheck,
+        incoming_changed: Callable[[], None],
+    ) -> None:
+        self.registry = registry
+        self.limits = limits
+        self._preserved = preserved
+        self._reap = released_meanwhile
+        self._incoming_changed = incoming_changed
+        self._outgoing: dict[bytes, Session] = {}
+        self._incoming: dict[bytes, Session] = {}
+        self._mutations = 0
 
+    # -- reading ----------------------------------------------------------------
 
-def may_access(session: Session, caller: Owner | None) -> bool:
-    """Owner checks: root and the session's creator may use it, nobody else.
+    @property
+    def outgoing(self) -> Mapping[bytes, Session]:
+        """Outgoing sessions by name, in creation order."""
+        return self._outgoing
 
-    An unknown caller (no credentials came with the call) is refused: the
-    check fails closed.
-    """
-    return caller is not None and (caller.uid == 0 or caller.uid == session.owner.uid)
+    @property
+    def incoming(self) -> Mapping[bytes, Session]:
+        """Incoming sessions by name, in the previous generation's order."""
+        return self._incoming
 
+    @property
+    def mutations(self) -> int:
+        """Bumped by every change to what would be handed over (the journal
+        and a REBOOT's "does the PREPARE pre-flight still cover it?")."""
+        return self._mutations
 
-def _usable_fd(fds_in: list[int]) -> tuple[int, os.stat_result]:
-    """The one fd attached to PRESERVE_FD, fstat'ed, else ``EBADF``."""
-    if len(fds_in) != 1:
-        raise OSError(errno.EBADF, f"{len(fds_in)} fds attached, expected 1")
-    fd = fds_in[0]
-    try:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & _O_PATH:
-            raise OSError(errno.EBADF, "an O_PATH fd cannot be preserved")
-        return fd, os.fstat(fd)
-    except OSError as exc:
-        raise OSError(errno.EBADF, exc.strerror or "bad fd") from None
+    def held(self) -> list[Session]:
+        """Every session luod holds for somebody: outgoing, and unfinished incoming."""
+        return [*self._outgoing.values(), *(s for s in self._incoming.values() if not s.finished)]
 
+    def handed_over(self) -> list[Session]:
+        """What the next generation receives: every outgoing session, then the
+        incoming sessions a per-session update or keep-on-close handed over
+        that nobody retrieved yet (they still wait for their successor).
+        Other unfinished incoming sessions are released, as in Linux."""
+        return [*self._outgoing.values(), *(s for s in self._incoming.values() if s.waiting)]
 
-def preserve_file(
-    luo: Orchestrator, session: Session, token: int, fds_in: list[int]
-) -> PreservedFile:
-    """Add the fd in ``fds_in`` to ``session`` under ``token``.
+    @property
+    def file_count(self) -> int:
+        """Files held in outgoing and unfinished incoming sessions."""
+        return sum(len(s.files) for s in self.held())
 
-    Checks in Linux 7.3's order: EEXIST, ENOSPC, EBADF, ENOENT, EBUSY, then
-    the handler's own error; luod's quotas and fd reserve fit in between
-    (``docs/security.md``): the owner's file quota (``ENOSPC``) with the
-    session's, luod's fd reserve (``EMFILE``) once the fd is known usable,
-    the owner's memfd bytes (``ENOSPC``) once the file is known free. On
-    success the fd leaves ``fds_in``: the orchestrator now owns it.
-    """
-    if token in session.files:
-        raise OSError(errno.EEXIST, f"token {token:#x} already used in this session")
-    if len(session.files) >= luo.limits.max_files:
-        raise OSError(errno.ENOSPC, f"session holds {luo.limits.max_files} files")
-    # Charged to the session's owner, whoever holds its fd.
-    owner = session.owner
-    usage = None if quota_exempt(owner) else luo.usage(owner.uid)
-    file_quota = luo.limits.max_files_per_uid
-    if usage is not None and file_quota > 0 and usage.files >= file_quota:
-        # Sessions of its own closed a moment ago may not be released yet.
-        for other in list(luo.outgoing.values()):
-            if other.owner.uid == owner.uid and other is not session:
-                luo.released_meanwhile(other)
-        usage = luo.usage(owner.uid)
-        if usage.files >= file_quota:
-            raise OSError(errno.ENOSPC, f"uid {owner.uid} holds {file_quota} files (its quota)")
-    fd, st = _usable_fd(fds_in)
-    luo.check_fd_reserve()
-    registry: HandlerRegistry = luo.registry
-    handler = registry.find(fd, st)
-    key: FileKey = handler.file_key(fd, st)
-    for holder in list(luo.holders(key)):
-        if holder.session is not None and holder.session is not session:
-            # Its session's fd may have been closed a moment ago and not be
-            # released yet (closing is asynchronous over a socket).
-            luo.released_meanwhile(holder.session)
-    if luo.holders(key):
-        raise OSError(errno.EBUSY, "this file is already preserved")
-    charge = handler.charged_bytes(fd, st)
-    byte_quota = luo.limits.max_memfd_bytes_per_uid
-    if usage is not None and byte_quota > 0 and charge and usage.memfd_bytes + charge > byte_quota:
-        raise OSError(
-            errno.ENOSPC,
-            f"uid {owner.uid} would hold {usage.memfd_bytes + charge} bytes of memfd, "
-            f"over its quota of {byte_quota}",
-        )
-    file = PreservedFile(token, handler, fd, key, session=session, charge=charge)
-    handler.preserve(file)
-    fds_in.remove(fd)
-    session.files[token] = file
-    luo.hold(file)
-    luo.mutations += 1
-    return file
+    def usage(self, uid: int) -> Usage:
+        """What luod holds for ``uid`` now (computed, so it can never drift)."""
+        usage = Usage()
+        for session in self.held():
+            if session.owner.uid == uid:
+                usage.sessions += 1
+                usage.files += len(session.files)
+                usage.memfd_bytes += session.files.charge
+        return usage
 
+    def released_meanwhile(self, session: Session) -> bool:
+        """Whether ``session``'s fd turns out to be closed already (the
+        transport then released it). A close travels asynchronously over a
+        socket, Linux's is synchronous: the set asks before refusing anyone
+        because of a session (EEXIST, EBUSY, EINVAL, a quota)."""
+        return self._reap(session)
 
-def _forget(luo: Orchestrator, file: PreservedFile) -> None:
-    """The file no longer counts as preserved; luod drops its reference."""
-    luo.let_go(file)
-    file.release()
+    def _reap_of(self, uid: int, besides: Session | None = None) -> None:
+        """Give every outgoing session of ``uid`` (but ``besides``) a close check."""
+        for other in list(self._outgoing.values()):
+            if other.owner.uid == uid and other is not besides:
+                self.released_meanwhile(other)
 
+    def check_fd_reserve(self) -> None:
+        """``EMFILE`` when one more held fd would eat into luod's reserve."""
+        check_fd_reserve(self.limits, sum(1 + len(s.files) for s in self.held()))
 
-def unpreserve_all(luo: Orchestrator, session: Session) -> None:
-    """Release an outgoing session's files, last preserved first."""
-    for file in reversed(list(session.files.values())):
+    # -- creating and retrieving --------------------------------------------------
+
+    def create(self, name: bytes, owner: Owner) -> Session:
+        """A new outgoing session. Checks: limit and per-uid quota (``ENOMEM``),
+        fd reserve (``EMFILE``), name in use or waiting for another user (``EEXIST``)."""
+        if len(self._outgoing) >= self.limits.max_sessions:
+            for session in list(self._outgoing.values()):
+                self.released_meanwhile(session)
+            if len(self._outgoing) >= self.limits.max_sessions:
+                raise OSError(errno.ENOMEM, f"{self.limits.max_sessions} sessions exist")
+        self._check_session_quota(owner)
+        self.check_fd_reserve()
+        existing = self._outgoing.get(name)
+        if existing is not None and not self.released_meanwhile(existing):
+            raise OSError(errno.EEXIST, "an outgoing session already has this name")
+        self._check_waiting_clash(name, owner)
+        session = Session(name, Direction.OUTGOING, owner, FileSet(self._preserved))
+        self._outgoing[name] = session
+        self._mutations += 1
+        return session
+
+    def _check_session_quota(self, owner: Owner) -> None:
+        quota = self.limits.max_sessions_per_uid
+        if quota <= 0 or quota_exempt(owner):
+            return
+        if self.usage(owner.uid).sessions >= quota:
+            self._reap_of(owner.uid)
+            if self.usage(owner.uid).sessions >= quota:
+                raise OSError(errno.ENOMEM, f"uid {owner.uid} holds {quota} sessions (its quota)")
+
+    def _check_waiting_clash(self, name: bytes, owner: Owner) -> None:
+        """``EEXIST`` when a session handed over under ``name`` waits for its
+        successor and the caller is not its owner (nor root): both would be
+        incoming after the reboot, which refuses that, so another user could
+        block every reboot. The owner may (``luoctl run`` creates before it
+        retrieves); the reboot still checks."""
+        waiting = self._incoming.get(name)
+        if waiting is None or not waiting.waiting or waiting.finished:
+            return
+        if may_access(waiting.owner, owner):
+            return
+        raise OSError(errno.EEXIST, "a session handed over under this name waits for its successor")
+
+    def abandon(self, session: Session) -> None:
+        """Undo :meth:`create` of an empty session whose fd could not be bound."""
+        if self._outgoing.get(session.name) is session and not session.files:
+            del self._outgoing[session.name]
+            self._mutations += 1
+
+    def retrieve(self, name: bytes, owner: Owner) -> Session:
+        """The incoming session ``name``: ``ENOENT`` if none, ``EACCES`` if
+        another user's, ``EINVAL`` if taken."""
+        session = self._incoming.get(name)
+        if session is None:
+            raise OSError(errno.ENOENT, "no incoming session has this name")
+        if not may_access(session.owner, owner):
+            raise OSError(errno.EACCES, "this session belongs to another user")
+        if session.retrieved and self.released_meanwhile(session):
+            raise OSError(errno.ENOENT, "no incoming session has this name")
+        if session.retrieved:
+            raise OSError(errno.EINVAL, "this session was already retrieved")
+        session.retrieved = True
+        return session
+
+    def unretrieve(self, session: Session) -> None:
+        """Undo :meth:`retrieve` whose fd could not be bound."""
+        session.retrieved = False
+
+    # -- releasing, handing over, finishing -----------------------------------------
+
+    def release(self, session: Session) -> None:
+        """The session's fd was closed. Outgoing: hand it over if kept on
+        close, else unpreserve every file (last first) and free the name.
+        Incoming: finish it implicitly; its name then gives ``ENOENT``."""
+        if session.direction == Direction.OUTGOING:
+            if session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE and self._keep_on_close(session):
+                return
+            if self._outgoing.get(session.name) is session:
+                del self._outgoing[session.name]
+            self._mutations += 1
+            session.files.unpreserve_all()
+            return
+        if not session.finished:
+            self.finish(session, force=True)
+        if self._incoming.get(session.name) is session:
+            del self._incoming[session.name]
+
+    def _keep_on_close(self, session: Session) -> bool:
+        """Hand over a session whose holder is gone without doing it (crashed):
+        its successor gets it instead of losing it. ``False``: the hand-over
+        failed, and the caller releases its files."""
         try:
-            file.handler.unpreserve(file)
+            self.hand_over(session, replace=True)
+        except Exception as exc:  # a handler's bug must not keep the files
+            error = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            name = session.display_name
+            event("session-keep-on-close-failed", logging.ERROR, session=name, error=error)
+            return False
+        event("session-kept-on-close", logging.WARNING, session=session.display_name)
+        return True
+
+    def hand_over(self, session: Session, replace: bool = False) -> None:
+        """Make an outgoing session incoming under the same name (per-session update).
+
+        Its files are frozen in preservation order, rolled back if one fails.
+        An unfinished incoming session of the same name is ``EEXIST``, unless
+        ``replace`` (keep-on-close after a crash: the newest state wins, the
+        stale one is finished). The caller detaches the session's fd.
+        """
+        stale = self._incoming.get(session.name)
+        if stale is not None and not stale.finished and not replace:
+            raise OSError(errno.EEXIST, "an unfinished incoming session has this name")
+        session.files.freeze()
+        if stale is not None:
+            self.finish(stale, force=True)
+            del self._incoming[session.name]
+        if self._outgoing.get(session.name) is session:
+            del self._outgoing[session.name]
+        session.files.let_go_all()  # waiting: it counts again once retrieved
+        session.direction = Direction.INCOMING
+        session.retrieved = False
+        session.finished = False
+        session.handed_over = True
+        self._incoming[session.name] = session
+        self._mutations += 1
+        self._incoming_changed()
+
+    def finish(self, session: Session, force: bool = False) -> None:
+        """FINISH: ask every file, then finish them all; idempotent. ``force``
+        finishes even files that refuse (the fd was closed: nobody can retry)."""
+        if session.finished:
+            return
+        refusing = None if force else session.files.refusing_to_finish()
+        if refusing is not None:
+            raise OSError(errno.EBUSY, f"file {refusing.token:#x} cannot finish yet")
+        session.files.finish()
+        session.finished = True
+        self._incoming_changed()
+
+    def finish_incoming(self, owner: Owner | None = None) -> None:
+        """Finish every unfinished incoming session (``owner``'s uid's only, if
+        given), all or nothing (``EBUSY``). Sessions never retrieved go at once
+        (their names then give ENOENT); retrieved ones stay until their fd closes."""
+        sessions = [
+            s
+            for s in self._incoming.values()
+            if not s.finished and (owner is None or s.owner.uid == owner.uid)
+        ]
+        for session in sessions:
+            refusing = session.files.refusing_to_finish()
+            if refusing is not None:
+                raise OSError(
+                    errno.EBUSY,
+                    f"session {session.display_name!r} file {refusing.token:#x} cannot finish yet",
+                )
+        for session in sessions:
+            self.finish(session, force=True)
+            if not session.retrieved:
+                del self._incoming[session.name]
+
+    # -- files --------------------------------------------------------------------
+
+    def preserve_file(self, session: Session, token: int, fds_in: list[int]) -> PreservedFile:
+        """Add the fd in ``fds_in`` to ``session`` under ``token``; on success
+        it leaves ``fds_in`` (the orchestrator owns it now).
+
+        Checks in Linux 7.3's order: EEXIST, ENOSPC, EBADF, ENOENT, EBUSY, then
+        the handler's; luod's fit in between (``docs/security.md``): the file
+        quota (``ENOSPC``) with the session's, the fd reserve (``EMFILE``) once
+        the fd is usable, memfd bytes (``ENOSPC``) once the file is free.
+        """
+        session.files.check_token(token, self.limits.max_files)
+        # Charged to the session's owner, whoever holds its fd.
+        owner = session.owner
+        usage = None if quota_exempt(owner) else self._file_quota_usage(session)
+        fd, st = usable_fd(fds_in)
+        self.check_fd_reserve()
+        handler = self.registry.find(fd, st)
+        key = handler.file_key(fd, st)
+        for holder in self._preserved.holders(key):
+            other = self._session_holding(holder)
+            if other is not None and other is not session:
+                # Its session's fd may have been closed a moment ago and not
+                # be released yet (closing is asynchronous over a socket).
+                self.released_meanwhile(other)
+        if self._preserved.holders(key):
+            raise OSError(errno.EBUSY, "this file is already preserved")
+        charge = handler.charged_bytes(fd, st)
+        if usage is not None:
+            self._check_byte_quota(owner, usage, charge)
+        file = session.files.preserve(token, handler, fd, key, charge)
+        fds_in.remove(fd)
+        self._mutations += 1
+        return file
+
+    def _file_quota_usage(self, session: Session) -> Usage:
+        """The owner's usage, ``ENOSPC`` when its file quota is reached."""
+        uid = session.owner.uid
+        usage = self.usage(uid)
+        quota = self.limits.max_files_per_uid
+        if quota > 0 and usage.files >= quota:
+            # Sessions of its own closed a moment ago may not be released yet.
+            self._reap_of(uid, besides=session)
+            usage = self.usage(uid)
+            if usage.files >= quota:
+                raise OSError(errno.ENOSPC, f"uid {uid} holds {quota} files (its quota)")
+        return usage
+
+    def _check_byte_quota(self, owner: Owner, usage: Usage, charge: int) -> None:
+        """``ENOSPC`` when ``charge`` more bytes would take ``owner`` over its quota."""
+        quota = self.limits.max_memfd_bytes_per_uid
+        if quota > 0 and charge and usage.memfd_bytes + charge > quota:
+            raise OSError(
+                errno.ENOSPC,
+                f"uid {owner.uid} would hold {usage.memfd_bytes + charge} bytes of memfd, "
+                f"over its quota of {quota}",
+            )
+
+    def _session_holding(self, file: PreservedFile) -> Session | None:
+        """The held session ``file`` belongs to (asked only on a conflict)."""
+        for session in self.held():
+            if session.files.get(file.token) is file:
+                return session
+        return None
+
+    def unpreserve_file(self, session: Session, token: int) -> None:
+        """Drop one file of an outgoing session (LUOD_SESSION_UNPRESERVE_FD)."""
+        try:
+            session.files.unpreserve(token)
         finally:
-            _forget(luo, file)
-    session.files.clear()
+            self._mutations += 1
 
+    def retrieve_file(self, session: Session, token: int) -> int:
+        """A new fd (a dup) for the incoming file ``token``; errors are sticky."""
+        if session.finished:
+            raise OSError(errno.ENOENT, f"no file with token {token:#x}")
+        return session.files.retrieve(token)
 
-def retrieve_file(luo: Orchestrator, session: Session, token: int) -> int:
-    """A new fd (a dup) for the incoming file ``token``; errors are sticky."""
-    file = session.files.get(token)
-    if file is None or session.finished:
-        raise OSError(errno.ENOENT, f"no file with token {token:#x}")
-    if file.retrieve_errno:
-        raise OSError(file.retrieve_errno, "an earlier retrieval of this file failed")
-    if not file.retrieved:
+    def set_flags(self, session: Session, flags: int) -> int:
+        """Set an outgoing session's flags; returns the old ones."""
+        old = session.flags
+        session.flags = flags
+        self._mutations += 1
+        return old
+
+    # -- the reboot: freeze, serialize, restore ----------------------------------------
+
+    def freeze(self, hook: FreezeHook | None = None) -> None:
+        """Freeze every outgoing session in creation order (files in
+        preservation order); on failure unfreeze every session frozen so
+        far, last first, and re-raise: nothing changed."""
+        frozen: list[Session] = []
         try:
-            file.handler.retrieve(file)
-        except OSError as exc:
-            file.retrieve_errno = exc.errno or errno.EIO
+            for session in self._outgoing.values():
+                session.files.freeze(hook)
+                frozen.append(session)
+        except BaseException:
+            for session in reversed(frozen):
+                session.files.unfreeze()
             raise
-        file.retrieved = True
-        # From now on the file counts as preserved until FINISH (C21), even
-        # if another session preserved it meanwhile and lets go first.
-        luo.hold(file)
-    return os.dup(file.fd)
+
+    def thaw(self) -> None:
+        """Unfreeze every outgoing file (a reboot that could not proceed)."""
+        for session in reversed(list(self._outgoing.values())):
+            session.files.unfreeze()
+
+    def records(self, sessions: Iterable[Session] | None = None) -> list[SessionRecord]:
+        """The image records of ``sessions`` (default: :meth:`handed_over`)."""
+        return [session_record(s) for s in (self.handed_over() if sessions is None else sessions)]
+
+    def restore(
+        self, records: Iterable[SessionRecord], on_session: Callable[[Session], None] | None = None
+    ) -> None:
+        """Make the incoming sessions from image records and inherited fds;
+        ``OSError(EIO)`` naming session and token when anything does not fit
+        (nothing is closed). Only then do the fds become ours alone."""
+        for record in records:
+            session = Session(
+                record.name,
+                Direction.INCOMING,
+                Owner(record.pid, record.uid, record.gid),
+                FileSet(self._preserved),
+                created=record.created,
+                flags=record.flags & ~IMAGE_FLAG_AWAITING_SUCCESSOR,
+                handed_over=bool(record.flags & IMAGE_FLAG_AWAITING_SUCCESSOR),
+            )
+            session.files.restore(record.files, self.registry, f"session {session.display_name!r}")
+            self._incoming[session.name] = session
+            if on_session is not None:
+                on_session(session)
+        for session in self._incoming.values():
+            session.files.make_private()
+        self._incoming_changed()
+
+    def drop_incoming(self) -> None:
+        """The generation ends: close the files of every incoming session that
+        is not handed on (as an exec would: they are close-on-exec)."""
+        kept = set(map(id, self.handed_over()))
+        for session in self._incoming.values():
+            if id(session) not in kept:
+                session.files.release()
+        self._incoming.clear()
+
+    def close(self) -> None:
+        """Release everything (daemon shutdown): outgoing sessions last first."""
+        for session in reversed(list(self._outgoing.values())):
+            self.release(session)
+        for session in self._incoming.values():
+            session.files.release()
+        self._incoming.clear()
 
 
-def finish_session(luo: Orchestrator, session: Session, force: bool = False) -> None:
-    """FINISH: ask every file, then finish them all; idempotent.
-
-    ``force`` finishes even files that refuse (the session's fd was closed:
-    there is nobody left to retry).
-    """
-    if session.finished:
-        return
-    files = list(session.files.values())
-    if not force:
-        for file in files:
-            if not file.handler.can_finish(file):
-                raise OSError(errno.EBUSY, f"file {file.token:#x} cannot finish yet")
-    for file in files:
-        try:
-            file.handler.finish(file)
-        finally:
-            _forget(luo, file)
-    session.finished = True
-    luo.session_finished(session)
-
-
-def unpreserve_file(luo: Orchestrator, session: Session, token: int) -> None:
-    """Drop one file of an outgoing session (LUOD_SESSION_UNPRESERVE_FD)."""
-    file = session.files.pop(token, None)
-    if file is None:
-        raise OSError(errno.ENOENT, f"no file with token {token:#x}")
-    try:
-        file.handler.unpreserve(file)
-    finally:
-        _forget(luo, file)
-        luo.mutations += 1
-
-
-def hand_over(luo: Orchestrator, session: Session, replace: bool = False) -> None:
-    """Make an outgoing session incoming under the same name (per-session update).
-
-    Its files are frozen in preservation order, rolled back if one fails.
-    An unfinished incoming session of the same name is ``EEXIST``, unless
-    ``replace`` (keep-on-close after a crash: the newest state wins, the
-    stale one is finished). The caller detaches the session's fd.
-    """
-    stale = luo.incoming.get(session.name)
-    if stale is not None and not stale.finished and not replace:
-        raise OSError(errno.EEXIST, "an unfinished incoming session has this name")
-    from liveupdate.core import reboot  # the freeze logic is the reboot's
-
-    reboot.freeze_files(list(session.files.values()))
-    if stale is not None:
-        finish_session(luo, stale, force=True)
-        del luo.incoming[session.name]
-    if luo.outgoing.get(session.name) is session:
-        del luo.outgoing[session.name]
-    for file in session.files.values():
-        luo.let_go(file)  # waiting, not retrieved: it counts again once retrieved
-    session.direction = Direction.INCOMING
-    session.retrieved = False
-    session.finished = False
-    session.handed_over = True
-    luo.incoming[session.name] = session
-    luo.mutations += 1
-    if luo.state == uapi.LuodState.NORMAL:
-        luo.set_state(uapi.LuodState.UPDATED)
-
-
-# -- the session fd's ioctl table -------------------------------------------
-
-
-def _preserve_fd(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.liveupdate_session_preserve_fd)
-    preserve_file(call.luo, call.session, arg.token, call.fds_in)
-
-
-def _retrieve_fd(call: SessionCall, arg: ctypes.Structure) -> int:
-    assert isinstance(arg, uapi.liveupdate_session_retrieve_fd)
-    fd = retrieve_file(call.luo, call.session, arg.token)
-    arg.fd = -1  # the real number is the receiver's to fill in
-    return fd
-
-
-def _finish(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.liveupdate_session_finish)
-    if arg.reserved:
-        raise OSError(errno.EINVAL, "reserved must be 0")
-    finish_session(call.luo, call.session)
-
-
-def _get_name(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.liveupdate_session_get_name)
-    if arg.reserved:
-        raise OSError(errno.EINVAL, "reserved must be 0")
-    # @name is output only: whatever the caller's buffer held is overwritten,
-    # so the reply is always NUL-terminated.
-    ctypes.memset(arg.name, 0, ctypes.sizeof(arg.name))
-    ctypes.memmove(arg.name, call.session.name, len(call.session.name))
-
-
-def _update(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.luod_session_update)
-    if arg.reserved:
-        raise OSError(errno.EINVAL, "reserved must be 0")
-    if not may_access(call.session, call.caller):
-        raise OSError(errno.EACCES, "only the session's owner or root may update it")
-    hand_over(call.luo, call.session)
-    if call.detach is not None:
-        call.detach()
-
-
-def _set_flags(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.luod_session_set_flags)
-    if not may_access(call.session, call.caller):
-        raise OSError(errno.EACCES, "only the session's owner or root may change its flags")
-    if arg.flags & ~uapi.LUOD_SESSION_FLAGS:
-        raise OSError(errno.EOPNOTSUPP, f"unknown session flags {arg.flags:#x}")
-    arg.old_flags = call.session.flags
-    call.session.flags = arg.flags
-    call.luo.mutations += 1
-
-
-def _unpreserve_fd(call: SessionCall, arg: ctypes.Structure) -> None:
-    assert isinstance(arg, uapi.luod_session_unpreserve_fd)
-    if arg.reserved:
-        raise OSError(errno.EINVAL, "reserved must be 0")
-    if not may_access(call.session, call.caller):
-        raise OSError(errno.EACCES, "only the session's owner or root may unpreserve its files")
-    unpreserve_file(call.luo, call.session, arg.token)
-
-
-#: The session ioctls (upstream, then luod's extensions);
-#: :func:`liveupdate.core.tables.session_table` builds the table from them.
-SESSION_OPS: list[IoctlOp[SessionCall]] = [
-    IoctlOp(uapi.PRESERVE_FD, _preserve_fd),
-    IoctlOp(uapi.RETRIEVE_FD, _retrieve_fd),
-    IoctlOp(uapi.FINISH, _finish),
-    IoctlOp(uapi.GET_NAME, _get_name),
-    IoctlOp(uapi.SESSION_UPDATE, _update),
-    IoctlOp(uapi.SESSION_SET_FLAGS, _set_flags),
-    IoctlOp(uapi.SESSION_UNPRESERVE_FD, _unpreserve_fd),
-]
+def session_record(session: Session) -> SessionRecord:
+    """The image record of one session (its files' data as last frozen)."""
+    return SessionRecord(
+        name=session.name,
+        uid=session.owner.uid,
+        gid=session.owner.gid,
+        pid=session.owner.pid,
+        created=session.created,
+        flags=session.flags | (IMAGE_FLAG_AWAITING_SUCCESSOR if session.waiting else 0),
+        files=session.files.to_records(),
+    )

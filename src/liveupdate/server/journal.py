@@ -26,14 +26,33 @@ import errno
 import logging
 import time
 
-from liveupdate.core.handover import HandoverImage, SessionRecord, encode_image
 from liveupdate.core.luo import Orchestrator
-from liveupdate.core.reboot import session_record
-from liveupdate.server.logs import event
+from liveupdate.core.session import session_record
+from liveupdate.events import event
+from liveupdate.handover_abi import HandoverImage, SessionRecord
+from liveupdate.handover_codec import encode_image
 from liveupdate.server.safefs import StateDir
 
-__all__ = ["INCOMING_JOURNAL_NAME", "JOURNAL_NAME", "STALE_JOURNAL_NAME", "Journal"]
+__all__ = [
+    "IMAGE_NAME",
+    "INCOMING_JOURNAL_NAME",
+    "JOURNAL_NAME",
+    "LAST_IMAGE_NAME",
+    "MARKER_NAME",
+    "STALE_JOURNAL_NAME",
+    "Journal",
+]
 
+# The records of the state directory that say what luod holds. The journals
+# are this module's; the handover image and the marker are written by the
+# re-exec driver (``reexec``); a cold start reads them all (``lossreport``).
+
+#: The handover image: the intent, then the frozen image, of a reboot.
+IMAGE_NAME = "handover.dtb"
+#: Present from the start of a reboot until the next generation restored.
+MARKER_NAME = "reboot-in-progress"
+#: The image the current generation was restored from (kept for inspection).
+LAST_IMAGE_NAME = "last-handover.dtb"
 JOURNAL_NAME = "journal.dtb"
 #: Incoming sessions go into their own image: an outgoing and an incoming
 #: session may share a name, and one image holds each name once.
@@ -65,7 +84,7 @@ class Journal:
 
     def tick(self, luo: Orchestrator) -> float | None:
         """Write the journal if it is due; return seconds until the next check."""
-        if not self.enabled or (id(luo), luo.mutations) == self._seen:
+        if not self.enabled or (id(luo), luo.sessions.mutations) == self._seen:
             return None
         wait = self._last_write + self.interval - time.monotonic()
         if wait > 0:
@@ -75,20 +94,19 @@ class Journal:
 
     def flush(self, luo: Orchestrator) -> None:
         """Bring the journal up to date now (nothing to do when it already is)."""
-        mark = (id(luo), luo.mutations)
+        mark = (id(luo), luo.sessions.mutations)
         if not self.enabled or mark == self._seen:
             return
         self._last_write = time.monotonic()
-        incoming = [s for s in luo.incoming.values() if not s.finished]
+        incoming = [s for s in luo.sessions.incoming.values() if not s.finished]
         error = 0
         for name, sessions in (
-            (JOURNAL_NAME, list(luo.outgoing.values())),
+            (JOURNAL_NAME, list(luo.sessions.outgoing.values())),
             (INCOMING_JOURNAL_NAME, incoming),
         ):
             records = [session_record(s) for s in sessions]
             error = self._write(name, luo.generation, records) or error
-        self._set_error(error)
-        luo.journal_error = error
+        self._set_error(error)  # GET_STATE reads it through the orchestrator's hook
         # A failed write is retried at the next tick (one interval later).
         self._seen = None if error else mark
 

@@ -1,10 +1,11 @@
-"""Structured logging for luod: one line per event, human or JSON.
+"""How luod prints its events: one line per event, human or JSON.
 
-Every event is logged through :func:`event` with a short name and key/value
-fields. The human format reads ``event key=value ...``; the JSON format
-writes one object per line for log shippers. Callers' mistakes are logged at
-DEBUG (they are answered with an errno, not an operator's problem); what the
-orchestrator did is INFO; what went wrong inside it is WARNING or ERROR.
+Every part of luod, core and server alike, records what happens as a
+structured *event* with :func:`liveupdate.events.event`: a short name and
+key/value fields. This module only formats them, chosen by ``--log-format``:
+the human format reads ``event key=value ...``; the JSON format writes one
+object per line for log shippers (``event``, ``level``, ``ts``, ``pid`` and
+the fields). Levels are explained in :mod:`liveupdate.events`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["event", "setup_logging"]
-
-log = logging.getLogger("liveupdate")
+__all__ = ["setup_logging"]
 
 
 def _fmt_value(value: Any) -> str:
@@ -71,8 +70,3 @@ def setup_logging(fmt: str = "human", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def event(name: str, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
-    """Log the event ``name`` with ``fields``."""
-    log.log(level, name, extra={"fields": fields}, exc_info=exc_info)

@@ -10,6 +10,13 @@ The loop is single-threaded (``selectors``): the core is never entered
 concurrently, so it needs no locks, exactly like a kernel driver under its
 mutex. A client that does not read its replies only stalls itself: its
 endpoint stops being read until the replies drain.
+
+What the daemon plugs in is given to the constructor (:class:`ServerHooks`):
+the reboot host (luod's re-exec driver, :mod:`liveupdate.server.reexec`),
+which drives the server back through a small interface (:meth:`~DeviceServer.defer`,
+:meth:`~DeviceServer.replace_generation`, :attr:`~DeviceServer.listener_fd`),
+and what SIGHUP and an idle loop do. Ghost holds (a client's end parked in
+flight) are told apart by :mod:`liveupdate.server.holds`.
 """
 
 from __future__ import annotations
@@ -18,111 +25,44 @@ import collections
 import errno
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
-import struct
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from liveupdate import uapi, wire
 from liveupdate.core.luo import DeviceCall, Orchestrator
-from liveupdate.core.session import Owner, Session, SessionCall
+from liveupdate.core.policy import Owner
+from liveupdate.core.reboot import RebootHost
+from liveupdate.core.session import Session
+from liveupdate.core.session_ops import SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, Reply, dispatch
-from liveupdate.server.holds import (
-    HoldState,
-    HoldWatch,
-    Verdict,
-    inodes_in_queues,
-    unix_peer_inode,
-)
-from liveupdate.server.logs import event
+from liveupdate.events import event
+from liveupdate.server.acceptor import Acceptor
+from liveupdate.server.endpoint import Endpoint, hung_up, peer_owner
+from liveupdate.server.holds import EndpointHolds
 
-__all__ = ["DeviceServer", "Endpoint"]
+__all__ = ["DeviceServer", "Endpoint", "ServerHooks"]
 
-_CRED = struct.Struct("3i")
 #: Receive buffer: one full request plus one byte, so an oversized message
 #: shows up as truncated (its true length comes from MSG_TRUNC).
 _RECV_BUF = wire.REQUEST_HEADER.size + wire.MAX_ARG_LEN + 1
-#: How long the listener rests after accept() failed (fds exhausted).
-_ACCEPT_PAUSE = 0.1
-_ACCEPT_WARN_EVERY = 10.0
-_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
 
 
-#: Linux's ``SO_PEERGROUPS`` (4.13), not in every Python's socket module.
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+@dataclass(frozen=True)
+class ServerHooks:
+    """What the daemon plugs into its transport; each runs between two events."""
 
-
-def peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """The peer's supplementary groups, as of its connect (``SO_PEERGROUPS``).
-
-    Fixed at connect time like ``SO_PEERCRED``: unlike reading
-    ``/proc/PID/status`` later, the peer cannot swap them in between.
-    Unknown (an older kernel): none.
-    """
-    for size in (256 * 4, 65536 * 4):  # NGROUPS_MAX is 65536
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                continue
-            return ()
-        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    return ()
-
-
-def peer_owner(sock: socket.socket) -> Owner:
-    """``SO_PEERCRED`` (and ``SO_PEERGROUPS``) of a connected Unix socket."""
-    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    return Owner(pid, uid, gid, peer_groups(sock))
-
-
-def hung_up(sock: socket.socket) -> bool:
-    """Whether the peer of ``sock`` has closed its end (no waiting)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | _HUNG_UP)
-    return any(ev & _HUNG_UP for _fd, ev in poller.poll(0))
-
-
-def _open_spare_fd() -> int:
-    """An fd that costs nothing but its slot (``-1`` if the table is full)."""
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return -1
-
-
-@dataclass(eq=False)
-class Endpoint:
-    """One socket luod serves.
-
-    Attributes:
-        sock: The daemon's side, non-blocking.
-        owner: The peer's credentials (for a session: its creator's).
-        session: ``None`` for a device connection.
-        pending: Replies not yet accepted by the peer's socket.
-    """
-
-    sock: socket.socket
-    owner: Owner
-    session: Session | None = None
-    pending: collections.deque[tuple[bytes, int | None]] = field(default_factory=collections.deque)
-    closed: bool = False
-    #: Close after the pending replies without releasing the session.
-    detach: bool = False
-    #: Inode of the client's end (known for a session's socketpair, asked
-    #: from the kernel for a device connection): who holds it tells a live
-    #: client from a ghost (see :mod:`liveupdate.server.holds`).
-    peer_inode: int | None = None
-
-    @property
-    def kind(self) -> str:
-        return "device" if self.session is None else "session"
+    #: Carries out reboots (luod's re-exec driver); ``None``: REBOOT is refused.
+    host: RebootHost | None = None
+    #: What SIGHUP does (luod: retry a failed restore).
+    on_sighup: Callable[[], None] | None = None
+    #: Called before each wait; returns the longest wait in seconds
+    #: (``None``: until an event). luod keeps its journal with it.
+    on_idle: Callable[[], float | None] | None = None
 
 
 class DeviceServer:
@@ -131,49 +71,59 @@ class DeviceServer:
     Args:
         luo: The generation to serve.
         listener: A bound, listening ``AF_UNIX``/``SOCK_SEQPACKET`` socket.
+        hooks: Builds the daemon's hooks for this server (the reboot host
+            drives the server it is given); none by default.
     """
 
-    def __init__(self, luo: Orchestrator, listener: socket.socket) -> None:
-        self.luo = luo
+    def __init__(
+        self,
+        luo: Orchestrator,
+        listener: socket.socket,
+        hooks: Callable[[DeviceServer], ServerHooks] | None = None,
+    ) -> None:
+        self._serve_generation(luo)
         self.listener = listener
-        listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.acceptor = Acceptor(listener, self.selector)
         self.device: Endpoint | None = None
         self.endpoints: set[Endpoint] = set()
-        #: The reboot host handed to the state machine (a ``Rebooter``).
-        self.host: Any = None
-        #: What SIGHUP does (luod: retry a failed restore).
-        self.on_sighup: Callable[[], None] | None = None
-        #: Called before each wait; returns the longest wait in seconds
-        #: (``None``: until an event). luod keeps its journal with it.
-        self.on_idle: Callable[[], float | None] | None = None
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
         self._stop = False
-        #: While accept() fails for lack of fds: when to try again.
-        self._accept_resume: float | None = None
-        self._accept_warned = 0.0
-        #: Given up when the fd table is full, to answer an opener EMFILE.
-        self._spare_fd = _open_spare_fd()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, None)
-        #: Work to run between two events (e.g. a reboot requested by an ioctl,
-        #: which must happen after its reply was sent).
-        self.deferred: collections.deque[Callable[[], None]] = collections.deque()
+        #: Work to run between two events (see :meth:`defer`).
+        self._deferred: collections.deque[Callable[[], None]] = collections.deque()
         #: Endpoints whose client's end may be held by no process.
-        self.holds: HoldWatch[Endpoint] = HoldWatch(self._queued_inodes)
+        self.holds = EndpointHolds(self._held_fds, self._close)
+        self.hooks = hooks(self) if hooks is not None else ServerHooks()
+
+    # -- what the reboot host drives -------------------------------------------
 
     @property
     def luo(self) -> Orchestrator:
-        """The generation served; every one is given the transport's close check."""
+        """The generation served."""
         return self._luo
 
-    @luo.setter
-    def luo(self, luo: Orchestrator) -> None:
-        luo.reap = self.reap
+    @property
+    def listener_fd(self) -> int:
+        """The listening socket's fd (a re-exec hands it on)."""
+        return self.listener.fileno()
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run ``work`` once the current call's reply is sent, before any other
+        request is read (a reboot requested by an ioctl)."""
+        self._deferred.append(work)
+
+    def replace_generation(self, luo: Orchestrator) -> None:
+        """Serve ``luo`` from now on (a reboot without exec)."""
+        self._serve_generation(luo)
+
+    def _serve_generation(self, luo: Orchestrator) -> None:
+        # The generation was given the transport's close check (:meth:`reap`)
+        # at construction, through its hooks.
         self._luo = luo
 
     # -- lifecycle ------------------------------------------------------------
@@ -192,13 +142,13 @@ class DeviceServer:
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
         # Runs between two events, never inside a call.
-        if self.on_sighup is not None:
-            self.deferred.append(self.on_sighup)
+        if self.hooks.on_sighup is not None:
+            self.defer(self.hooks.on_sighup)
 
     def _on_usr1(self, _signum: int, _frame: object) -> None:
         # The operator's way to list holds and break ghosts: it needs no
         # device connection, so it works while the device is stuck busy.
-        self.deferred.append(self.report_holds)
+        self.defer(self.report_holds)
 
     def stop(self) -> None:
         self._stop = True
@@ -207,8 +157,8 @@ class DeviceServer:
         """Serve until :meth:`stop` or a stop signal."""
         while not self._stop:
             waits = [
-                self._resume_accept(),
-                self.on_idle() if self.on_idle is not None else None,
+                self.acceptor.resume(),
+                self.hooks.on_idle() if self.hooks.on_idle is not None else None,
                 self.holds.due(),
             ]
             timeout = min((w for w in waits if w is not None), default=None)
@@ -219,21 +169,22 @@ class DeviceServer:
                     # Whatever a handler (a third-party one above all) does on
                     # a close or a flush, the daemon and its files live on.
                     event("internal-error", logging.ERROR, exc_info=True, where="event loop")
-                if self.deferred:
+                if self._deferred:
                     # Deferred work (a reboot) runs right after the call that
                     # asked for it: no other client is served in between.
                     break
-            while self.deferred:
-                self.deferred.popleft()()
+            while self._deferred:
+                self._deferred.popleft()()
             if self.holds.due() == 0:
                 try:
-                    self._confirm_suspects()
+                    self.holds.confirm_suspects(self.endpoints)
                 except Exception:
                     event("internal-error", logging.ERROR, exc_info=True, where="holds")
 
     def _event(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.fileobj is self.listener:
-            self._accept()
+            for sock in self.acceptor.accept():
+                self._open_device(sock)
         elif key.fileobj is self._wakeup_r:
             self._drain_wakeup()
         else:
@@ -283,77 +234,9 @@ class DeviceServer:
         signal.set_wakeup_fd(-1)
         self._wakeup_r.close()
         self._wakeup_w.close()
-        if self._spare_fd >= 0:
-            os.close(self._spare_fd)
-            self._spare_fd = -1
+        self.acceptor.close()
 
     # -- device connections ---------------------------------------------------
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._refuse_with_spare_fd():
-                    continue
-                # ENOBUFS, or no spare fd: the client stays in the backlog. Stop
-                # watching the listener for a moment (it stays readable: a
-                # level-triggered loop would spin) and say so once a while.
-                self._pause_accept()
-                now = time.monotonic()
-                if now - self._accept_warned > _ACCEPT_WARN_EVERY:
-                    self._accept_warned = now
-                    event("accept-failed", logging.WARNING, error=exc.strerror)
-                return
-            self._open_device(sock)
-
-    def _refuse_with_spare_fd(self) -> bool:
-        """The fd table is full: answer one waiting opener ``EMFILE`` anyway.
-
-        The spare fd is given up for the time of one accept, so that the
-        opener gets a hello with an errno instead of hanging in the backlog.
-        Whether one was answered.
-        """
-        if self._spare_fd < 0:
-            self._spare_fd = _open_spare_fd()
-            return False
-        os.close(self._spare_fd)
-        self._spare_fd = -1
-        try:
-            sock, _addr = self.listener.accept()
-        except OSError:
-            self._spare_fd = _open_spare_fd()
-            return False
-        with sock:
-            try:
-                sock.setblocking(False)
-                sock.send(wire.encode_hello(-errno.EMFILE))
-            except OSError:
-                pass
-        self._spare_fd = _open_spare_fd()  # the slot the answered socket had
-        now = time.monotonic()
-        if now - self._accept_warned > _ACCEPT_WARN_EVERY:
-            self._accept_warned = now
-            event("device-refused-no-fds", logging.WARNING)
-        return True
-
-    def _pause_accept(self) -> None:
-        if self._accept_resume is None:
-            self.selector.unregister(self.listener)
-        self._accept_resume = time.monotonic() + _ACCEPT_PAUSE
-
-    def _resume_accept(self) -> float | None:
-        """Watch the listener again once the pause is over; the time left, else None."""
-        if self._accept_resume is None:
-            return None
-        left = self._accept_resume - time.monotonic()
-        if left > 0:
-            return left
-        self._accept_resume = None
-        self.selector.register(self.listener, selectors.EVENT_READ, None)
-        return None
 
     def _open_device(self, sock: socket.socket) -> None:
         owner = peer_owner(sock)
@@ -366,7 +249,7 @@ class DeviceServer:
         # EBUSY just because its hang-up has not been processed yet; nor may a
         # client end parked in flight (only in some socket queue) keep it busy.
         if status == 0 and self.device is not None:
-            if hung_up(self.device.sock) or self._is_ghost(self.device, "device busy"):
+            if hung_up(self.device.sock) or self.holds.is_ghost(self.device, "device busy"):
                 self._close(self.device)
             else:
                 status = -errno.EBUSY
@@ -404,7 +287,7 @@ class DeviceServer:
             return False
         # A fd parked in flight (in a socket queue, by no process) is as
         # closed as it will ever get: the core asks before refusing anyone.
-        if not hung_up(ep.sock) and not self._is_ghost(ep, "session conflict"):
+        if not hung_up(ep.sock) and not self.holds.is_ghost(ep, "session conflict"):
             return False
         # Requests it left unanswered cannot be answered any more: the close
         # is what counts, as it would be for a kernel's synchronous close().
@@ -413,94 +296,16 @@ class DeviceServer:
 
     # -- holds luod cannot see -----------------------------------------------
 
-    def _peer_inode(self, ep: Endpoint) -> int | None:
-        if ep.peer_inode is None and ep.session is None:
-            try:
-                ep.peer_inode = unix_peer_inode(os.fstat(ep.sock.fileno()).st_ino)
-            except OSError:
-                return None
-        return ep.peer_inode
-
-    def _verdict(self, ep: Endpoint, force: bool = False) -> Verdict:
-        # Closing a session loses its files: only a proven cycle does that.
-        return self.holds.verdict(
-            ep, self._peer_inode(ep), strict=ep.session is not None, force=force
-        )
-
-    def _queued_inodes(self) -> set[int]:
-        """What is in flight in the queues of the sockets luod holds."""
-        roots = [ep.sock.fileno() for ep in self.endpoints if not ep.closed]
-        for session in [*self.luo.outgoing.values(), *self.luo.incoming.values()]:
-            roots += [f.fd for f in session.files.values() if f.fd >= 0]
-        return inodes_in_queues(roots)
-
-    def _is_ghost(self, ep: Endpoint, why: str, force: bool = False) -> bool:
-        """Whether ``ep``'s client end has been only in flight for a grace
-        period (logged: the caller then closes ``ep`` as its client would have).
-
-        Only asked when someone is refused because of ``ep`` (or by the
-        operator's SIGUSR1), never in passing: the census walks /proc.
-        """
-        verdict = self._verdict(ep, force)
-        if verdict.state != HoldState.GHOST:
-            return False
-        self._log_ghost(ep, f"{why}: {verdict.why}")
-        return True
-
-    def _log_ghost(self, ep: Endpoint, why: str) -> None:
-        fields: dict[str, Any] = {
-            "kind": ep.kind,
-            "inode": ep.peer_inode,
-            "peer_pid": ep.owner.pid,
-            "uid": ep.owner.uid,
-            "why": why,
-        }
-        if ep.session is not None:
-            fields["session"] = ep.session.display_name
-        event("hold-broken", logging.WARNING, **fields)
-
-    def _confirm_suspects(self) -> None:
-        """A grace period after an endpoint was seen in flight: look again."""
-        self.holds.keep_only(self.endpoints)
-        for ep in self.holds.suspects():
-            if not ep.closed and self._is_ghost(ep, "still in flight"):
-                self._close(ep)
+    def _held_fds(self) -> list[int]:
+        """The fds luod holds whose socket queues may park a client's end."""
+        fds = [ep.sock.fileno() for ep in self.endpoints if not ep.closed]
+        for session in [*self.luo.sessions.outgoing.values(), *self.luo.sessions.incoming.values()]:
+            fds += [f.fd for f in session.files.values() if f.fd >= 0]
+        return fds
 
     def report_holds(self) -> None:
-        """Log who holds the client's end of every endpoint (SIGUSR1).
-
-        Endpoints found in flight are looked at again a grace period later
-        and closed if they still are: the operator's way out of a hold no
-        client can release, which costs nobody else's session.
-        """
-        eps = sorted(self.endpoints, key=lambda e: (e.session is not None, e.sock.fileno()))
-        broken = 0
-        counts: dict[str, int] = {state.value: 0 for state in HoldState}
-        for n, ep in enumerate(eps):
-            if ep.closed:
-                continue
-            verdict = self._verdict(ep, force=n == 0)
-            counts[verdict.state.value] += 1
-            fields: dict[str, Any] = {"kind": ep.kind, "inode": ep.peer_inode}
-            if ep.session is not None:
-                fields["session"] = ep.session.display_name
-            fields["holders"] = verdict.describe()
-            if verdict.why:
-                fields["why"] = verdict.why
-            event("hold", **fields)
-            if verdict.state == HoldState.GHOST:
-                self._log_ghost(ep, f"operator (SIGUSR1): {verdict.why}")
-                self._close(ep)
-                broken += 1
-        event(
-            "holds-reported",
-            endpoints=len(eps),
-            held=counts["held"],
-            in_flight=counts["in-flight"],
-            ghosts=counts["ghost"],
-            unknown=counts["unknown"],
-            broken=broken,
-        )
+        """Log who holds the client's end of every endpoint, break ghosts (SIGUSR1)."""
+        self.holds.report(self.endpoints)
 
     # -- serving --------------------------------------------------------------
 
@@ -513,7 +318,7 @@ class DeviceServer:
         """Answer the messages waiting on ``ep``, one reply each."""
         # Once work is deferred (an accepted REBOOT), nothing more is read:
         # the next request belongs to the next generation.
-        while not ep.closed and not ep.pending and not self.deferred:
+        while not ep.closed and not ep.pending and not self._deferred:
             try:
                 msg = wire.recv_message(
                     ep.sock,
@@ -552,12 +357,12 @@ class DeviceServer:
             event("fds-dropped", logging.WARNING, endpoint=ep.kind)
             return Reply.error(errno.ENOMEM)
         if ep.session is None:
-            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds, self.host)
+            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds, self.hooks.host)
             reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
         else:
             caller = Owner(*msg.creds) if msg.creds is not None else None
             scall = SessionCall(
-                self.luo, ep.session, msg.fds, caller, lambda: self._detach_after_reply(ep)
+                self.luo.sessions, ep.session, msg.fds, caller, lambda: self._detach_after_reply(ep)
             )
             reply = dispatch(self.session_table, req.cmd, req.arg, scall, ep.session.direction)
         self._log_call(ep, req.cmd, reply)

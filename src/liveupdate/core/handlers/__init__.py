@@ -125,17 +125,22 @@ def default_registry(plugins: bool = True) -> HandlerRegistry:
 def describe_data(
     compatible: str, data: bytes, registry: HandlerRegistry | None = None
 ) -> dict[str, Any] | None:
-    """Decode a file's handler data from a handover image, for ``luoctl inspect``.
+    """Decode a file's handler data from a handover image with its handler.
 
-    ``None`` when no handler of that compatible is known or it has no
-    ``describe_data``; ``{"error": reason}`` when the data is malformed.
+    Unlike :func:`liveupdate.handler_abi.describe_data` (the built-in layouts
+    alone, what ``luoctl inspect`` shows) this asks the registry's handlers,
+    third-party ones included. ``None`` when no handler of that compatible
+    is known or it has no ``describe_data``; ``{"error": reason}`` when the
+    data is malformed.
     """
     handler = (registry or default_registry()).by_compatible(compatible)
-    decoder = getattr(handler, "describe_data", None) if handler is not None else None
-    if decoder is None:
+    if handler is None:
         return None
     try:
-        result = decoder(data)
-    except Exception as exc:  # a decoder must not break an inspection
+        result = handler.describe_data(data)
+    except Exception as exc:  # a plugin's decoder must not break an inspection
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return dict(result) if isinstance(result, dict) else {"value": result}
+    if result is None or isinstance(result, dict):
+        return result
+    # A plugin may return any JSON-friendly value, whatever its annotation says.
+    return {"value": result}

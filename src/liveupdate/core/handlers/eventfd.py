@@ -6,7 +6,7 @@ is carried over untouched. The counter is read from
 ``/proc/self/fdinfo`` (``eventfd-count``), never with ``read()``, which
 would consume it.
 
-Handler data, little-endian::
+Handler data (:class:`liveupdate.handler_abi.EventfdRecord`), little-endian::
 
     offset  size  field
     0       1     format version (1)
@@ -27,82 +27,39 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
-from dataclasses import dataclass
-from typing import Any
 
-from liveupdate.core.file import FileHandler, FileKey, PreservedFile, file_key
-from liveupdate.core.handlers._proc import (
-    FORMAT_VERSION,
-    check_header,
-    decode_record,
-    describe_record,
-    fd_link,
-    fdinfo,
-    open_flags,
-)
+from liveupdate.core.file import FileKey, PreservedFile, file_key
+from liveupdate.core.handlers._proc import fd_link, fdinfo, open_flags
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import EventfdRecord
+from liveupdate.handler_abi.records import EVENTFD_UNKNOWN_ID as UNKNOWN_ID
+from liveupdate.handler_abi.records import EVENTFD_UNKNOWN_SEMAPHORE as UNKNOWN_SEMAPHORE
 
-__all__ = ["EventfdHandler", "EventfdInfo"]
+__all__ = ["EventfdHandler", "read_eventfd"]
 
-COMPATIBLE = "eventfd-v1"
+COMPATIBLE = EventfdRecord.compatible
 LINK = "anon_inode:[eventfd]"
-UNKNOWN_ID = 0xFFFF_FFFF_FFFF_FFFF
-UNKNOWN_SEMAPHORE = 0xFF
-_DATA = struct.Struct("<BBHIQQ")
 
 
-@dataclass(frozen=True)
-class EventfdInfo:
-    """What ``eventfd-v1`` records about an eventfd."""
-
-    count: int
-    flags: int
-    semaphore: int
-    id: int
-
-    @classmethod
-    def of(cls, fd: int) -> EventfdInfo:
-        info = fdinfo(fd)
-        try:
-            count = int(info["eventfd-count"], 16)
-        except (KeyError, ValueError):
-            raise OSError(errno.EINVAL, "fdinfo has no eventfd-count") from None
-        semaphore = UNKNOWN_SEMAPHORE
-        if info.get("eventfd-semaphore", "").isdigit():
-            semaphore = 1 if int(info["eventfd-semaphore"]) else 0
-        id_ = int(info["eventfd-id"]) if info.get("eventfd-id", "").isdigit() else UNKNOWN_ID
-        return cls(count, open_flags(info), semaphore, id_)
-
-    def encode(self) -> bytes:
-        return _DATA.pack(FORMAT_VERSION, self.semaphore, 0, self.flags, self.count, self.id)
-
-    @classmethod
-    def decode(cls, data: bytes) -> EventfdInfo:
-        """Parse ``eventfd-v1`` data; :class:`ValueError` when malformed."""
-        check_header(data, _DATA.size, COMPATIBLE)
-        if len(data) != _DATA.size:
-            raise ValueError(f"{COMPATIBLE} data of {len(data)} bytes, expected {_DATA.size}")
-        _v, semaphore, _reserved, flags, count, id_ = _DATA.unpack(data)
-        return cls(count, flags, semaphore, id_)
-
-    def to_dict(self) -> dict[str, Any]:
-        desc: dict[str, Any] = {
-            "type": "eventfd",
-            "count": self.count,
-            "flags": self.flags,
-            "nonblock": bool(self.flags & os.O_NONBLOCK),
-        }
-        if self.semaphore != UNKNOWN_SEMAPHORE:
-            desc["semaphore"] = bool(self.semaphore)
-        if self.id != UNKNOWN_ID:
-            desc["id"] = self.id
-        return desc
+def read_eventfd(fd: int) -> EventfdRecord:
+    """What ``eventfd-v1`` records about the eventfd ``fd`` (from its fdinfo)."""
+    info = fdinfo(fd)
+    try:
+        count = int(info["eventfd-count"], 16)
+    except (KeyError, ValueError):
+        raise OSError(errno.EINVAL, "fdinfo has no eventfd-count") from None
+    semaphore = UNKNOWN_SEMAPHORE
+    if info.get("eventfd-semaphore", "").isdigit():
+        semaphore = 1 if int(info["eventfd-semaphore"]) else 0
+    id_ = int(info["eventfd-id"]) if info.get("eventfd-id", "").isdigit() else UNKNOWN_ID
+    return EventfdRecord(count, open_flags(info), semaphore, id_)
 
 
-class EventfdHandler(FileHandler):
+class EventfdHandler(RecordHandler[EventfdRecord]):
     """Preserves eventfds by holding them open."""
 
     compatible = COMPATIBLE
+    record = EventfdRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         return fd_link(fd) == LINK
@@ -114,33 +71,23 @@ class EventfdHandler(FileHandler):
         cannot tell two of them apart; the eventfd id can.
         """
         try:
-            id_ = EventfdInfo.of(fd).id
+            id_ = read_eventfd(fd).id
         except OSError:
             id_ = UNKNOWN_ID
         if id_ == UNKNOWN_ID:
             return file_key(fd, st)
         return (st.st_dev, st.st_ino, id_)
 
-    def freeze(self, file: PreservedFile) -> bytes:
-        return EventfdInfo.of(file.fd).encode()
+    def capture(self, file: PreservedFile) -> EventfdRecord:
+        return read_eventfd(file.fd)
 
-    def restore(self, file: PreservedFile) -> None:
-        recorded = decode_record(EventfdInfo, file.data)
+    def check(self, file: PreservedFile, recorded: EventfdRecord) -> None:
         if fd_link(file.fd) != LINK:
             raise OSError(errno.EINVAL, "inherited fd is not an eventfd")
-        now = EventfdInfo.of(file.fd)
+        now = read_eventfd(file.fd)
         if UNKNOWN_ID not in (now.id, recorded.id) and now.id != recorded.id:
             raise OSError(errno.EINVAL, f"inherited eventfd has id {now.id}, not {recorded.id}")
         if UNKNOWN_SEMAPHORE not in (now.semaphore, recorded.semaphore) and (
             now.semaphore != recorded.semaphore
         ):
             raise OSError(errno.EINVAL, "inherited eventfd's EFD_SEMAPHORE differs")
-
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        return describe_record(EventfdInfo, file.fd, file.data, "eventfd")
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """The fields of ``eventfd-v1`` data (for ``luoctl inspect``)."""
-        info = EventfdInfo.decode(data)
-        return {"version": FORMAT_VERSION, **info.to_dict()}

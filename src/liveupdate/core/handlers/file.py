@@ -8,7 +8,7 @@ reachable. ``O_PATH`` fds are refused (the core already answers ``EBADF``
 for them), and so is every other kind of file: character and block devices
 (``/dev/null``), symlinks...
 
-Handler data, little-endian::
+Handler data (:class:`liveupdate.handler_abi.FileRecord`), little-endian::
 
     offset  size  field
     0       1     format version (1)
@@ -35,103 +35,46 @@ import errno
 import fcntl
 import os
 import stat
-import struct
-from dataclasses import dataclass
 from typing import Any
 
-from liveupdate.core.file import FileHandler, PreservedFile
-from liveupdate.core.handlers._proc import (
-    FORMAT_VERSION,
-    check_header,
-    decode_record,
-    fd_link,
-    fd_link_bytes,
-    fdinfo,
-    open_flags,
-    pack_bytes,
-    unpack_bytes,
-)
+from liveupdate.core.file import PreservedFile
+from liveupdate.core.handlers._proc import fd_link, fd_link_bytes, fdinfo, open_flags
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import FileRecord
+from liveupdate.handler_abi.records import FILE_DIRECTORY, FILE_KINDS, FILE_REGULAR
 
-__all__ = ["FileInfo", "RegularFileHandler"]
+__all__ = ["RegularFileHandler", "read_file"]
 
-COMPATIBLE = "file-v1"
-REGULAR = 1
-DIRECTORY = 2
-_KINDS = {REGULAR: "file", DIRECTORY: "directory"}
-_HEADER = struct.Struct("<BBHIQQQ")
+COMPATIBLE = FileRecord.compatible
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
 def _kind(st: os.stat_result) -> int:
     if stat.S_ISREG(st.st_mode):
-        return REGULAR
+        return FILE_REGULAR
     if stat.S_ISDIR(st.st_mode):
-        return DIRECTORY
+        return FILE_DIRECTORY
     return 0
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    """What ``file-v1`` records about an open file or directory."""
-
-    kind: int
-    flags: int
-    position: int
-    dev: int
-    inode: int
-    path: bytes
-
-    @classmethod
-    def of(cls, fd: int, path: bytes | None = None) -> FileInfo:
-        """Read the open file behind ``fd``; ``path`` defaults to its current link."""
-        st = os.fstat(fd)
-        info = fdinfo(fd)
-        try:
-            position = int(info.get("pos", "0"))
-        except ValueError:
-            position = 0
-        return cls(
-            _kind(st),
-            open_flags(info),
-            position,
-            st.st_dev,
-            st.st_ino,
-            fd_link_bytes(fd) if path is None else path,
-        )
-
-    def encode(self) -> bytes:
-        header = _HEADER.pack(
-            FORMAT_VERSION, self.kind, 0, self.flags, self.position, self.dev, self.inode
-        )
-        return header + pack_bytes(self.path)
-
-    @classmethod
-    def decode(cls, data: bytes) -> FileInfo:
-        """Parse ``file-v1`` data; :class:`ValueError` when malformed."""
-        check_header(data, _HEADER.size, COMPATIBLE)
-        _v, kind, _reserved, flags, position, dev, inode = _HEADER.unpack_from(data)
-        if kind not in _KINDS:
-            raise ValueError(f"{COMPATIBLE} data: unknown kind {kind}")
-        path, offset = unpack_bytes(data, _HEADER.size)
-        if offset != len(data):
-            raise ValueError(f"{COMPATIBLE} data has {len(data) - offset} trailing bytes")
-        return cls(kind, flags, position, dev, inode, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": _KINDS.get(self.kind, str(self.kind)),
-            "path": self.path.decode("utf-8", "backslashreplace"),
-            "position": self.position,
-            "flags": self.flags,
-            "dev": self.dev,
-            "inode": self.inode,
-        }
+def read_file(fd: int, path: bytes | None = None) -> FileRecord:
+    """What ``file-v1`` records about the open file ``fd``; ``path``
+    defaults to its current ``/proc/self/fd`` link."""
+    st = os.fstat(fd)
+    info = fdinfo(fd)
+    try:
+        position = int(info.get("pos", "0"))
+    except ValueError:
+        position = 0
+    link = fd_link_bytes(fd) if path is None else path
+    return FileRecord(_kind(st), open_flags(info), position, st.st_dev, st.st_ino, link)
 
 
-class RegularFileHandler(FileHandler):
+class RegularFileHandler(RecordHandler[FileRecord]):
     """Preserves open regular files and directories by holding them open."""
 
     compatible = COMPATIBLE
+    record = FileRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         if not _kind(st):
@@ -146,38 +89,26 @@ class RegularFileHandler(FileHandler):
             return False
 
     def preserve(self, file: PreservedFile) -> None:
+        # The path at preserve time: where the file was when it was handed in.
         file.state["path"] = fd_link_bytes(file.fd)
 
-    def freeze(self, file: PreservedFile) -> bytes:
+    def capture(self, file: PreservedFile) -> FileRecord:
         path = file.state.get("path")
-        return FileInfo.of(file.fd, path if isinstance(path, bytes) else None).encode()
+        return read_file(file.fd, path if isinstance(path, bytes) else None)
 
-    def restore(self, file: PreservedFile) -> None:
-        info = decode_record(FileInfo, file.data)
+    def check(self, file: PreservedFile, recorded: FileRecord) -> None:
         st = os.fstat(file.fd)
-        if _kind(st) != info.kind:
-            raise OSError(errno.EINVAL, f"inherited fd is not a {_KINDS[info.kind]}")
-        if (st.st_dev, st.st_ino) != (info.dev, info.inode):
+        if _kind(st) != recorded.file_kind:
+            raise OSError(errno.EINVAL, f"inherited fd is not a {FILE_KINDS[recorded.file_kind]}")
+        if (st.st_dev, st.st_ino) != (recorded.dev, recorded.inode):
             raise OSError(
                 errno.EINVAL,
-                f"inherited file is {st.st_dev}:{st.st_ino}, not {info.dev}:{info.inode}",
+                f"inherited file is {st.st_dev}:{st.st_ino}, not {recorded.dev}:{recorded.inode}",
             )
 
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        try:
-            if file.fd >= 0:
-                path = file.state.get("path")
-                info = FileInfo.of(file.fd, path if isinstance(path, bytes) else None)
-                desc = info.to_dict()
-                if info.kind == REGULAR:
-                    desc["size"] = os.fstat(file.fd).st_size
-                return desc
-            return FileInfo.decode(file.data).to_dict()
-        except (OSError, ValueError):
-            return {"type": "file"}
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """The fields of ``file-v1`` data (for ``luoctl inspect``)."""
-        info = FileInfo.decode(data)
-        return {"version": FORMAT_VERSION, **info.to_dict()}
+    def describe_live(self, file: PreservedFile) -> dict[str, Any]:
+        record = self.capture(file)
+        desc = record.to_dict()
+        if record.file_kind == FILE_REGULAR:
+            desc["size"] = os.fstat(file.fd).st_size
+        return desc

@@ -7,9 +7,10 @@ outside the orchestrator's control. Unlike Linux, hugetlb memfds are accepted
 and the file's size is not locked while preserved: the memory is shared with
 the holder rather than copied, so nothing needs freezing.
 
-Handler data (little-endian): ``u64 size, u64 position, u32 seals`` at freeze
-time. It is informational (``luoctl inspect``): the inherited fd *is* the
-file, so whatever was written after the freeze is carried over too.
+Handler data: :class:`liveupdate.handler_abi.MemfdRecord` (``u64 size, u64
+position, u32 seals`` at freeze time, little-endian). It is informational
+(``luoctl inspect``): the inherited fd *is* the file, so whatever was written
+after the freeze is carried over too.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import errno
 import fcntl
 import os
 import stat
-import struct
-from typing import Any
 
-from liveupdate.core.file import FileHandler, PreservedFile
+from liveupdate.core.file import PreservedFile
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import MemfdRecord
 
 __all__ = ["MemfdHandler"]
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
-_DATA = struct.Struct("<QQI")
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -53,10 +53,11 @@ def _seals(fd: int) -> int:
         return 0
 
 
-class MemfdHandler(FileHandler):
+class MemfdHandler(RecordHandler[MemfdRecord]):
     """Preserves unlinked shmem files (memfds) by holding them open."""
 
-    compatible = "memfd-v1"
+    compatible = MemfdRecord.compatible
+    record = MemfdRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
@@ -70,34 +71,10 @@ class MemfdHandler(FileHandler):
         # Its size when preserved: it may grow later (not locked, see the docs).
         return st.st_size
 
-    def freeze(self, file: PreservedFile) -> bytes:
-        st = os.fstat(file.fd)
+    def capture(self, file: PreservedFile) -> MemfdRecord:
         pos = os.lseek(file.fd, 0, os.SEEK_CUR)
-        return _DATA.pack(st.st_size, pos, _seals(file.fd))
+        return MemfdRecord(os.fstat(file.fd).st_size, pos, _seals(file.fd))
 
-    def restore(self, file: PreservedFile) -> None:
-        if len(file.data) != _DATA.size:
-            raise OSError(errno.EINVAL, f"memfd-v1 data of {len(file.data)} bytes")
+    def check(self, file: PreservedFile, recorded: MemfdRecord) -> None:
         if not stat.S_ISREG(os.fstat(file.fd).st_mode):
             raise OSError(errno.EINVAL, "inherited memfd is not a regular file")
-
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        desc: dict[str, Any] = {"type": "memfd"}
-        if file.fd >= 0:
-            desc["size"] = os.fstat(file.fd).st_size
-        elif len(file.data) == _DATA.size:
-            desc["size"] = _DATA.unpack(file.data)[0]
-        return desc
-
-    @staticmethod
-    def decode(data: bytes) -> dict[str, int]:
-        """The fields of a ``memfd-v1`` data blob (for inspection)."""
-        size, pos, seals = _DATA.unpack(data)
-        return {"size": size, "position": pos, "seals": seals}
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """:meth:`decode` for ``luoctl inspect``; :class:`ValueError` when malformed."""
-        if len(data) != _DATA.size:
-            raise ValueError(f"memfd-v1 data of {len(data)} bytes, expected {_DATA.size}")
-        return {"type": "memfd", **MemfdHandler.decode(data)}

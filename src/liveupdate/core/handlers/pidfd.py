@@ -7,7 +7,7 @@ exit, signalled with ``pidfd_send_signal()``, or waited for with
 ``waitid(P_PIDFD)`` by the process's parent. A pid alone could have been
 reused meanwhile; a pidfd cannot.
 
-Handler data, little-endian::
+Handler data (:class:`liveupdate.handler_abi.PidfdRecord`), little-endian::
 
     offset  size  field
     0       1     format version (1)
@@ -27,85 +27,44 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
-from dataclasses import dataclass
-from typing import Any
 
-from liveupdate.core.file import FileHandler, PreservedFile
-from liveupdate.core.handlers._proc import (
-    FORMAT_VERSION,
-    check_header,
-    decode_record,
-    describe_record,
-    fd_link,
-    fdinfo,
-    open_flags,
-)
+from liveupdate.core.file import PreservedFile
+from liveupdate.core.handlers._proc import fd_link, fdinfo, open_flags
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import PidfdRecord
 
-__all__ = ["PidfdHandler", "PidfdInfo"]
+__all__ = ["PidfdHandler", "read_pidfd"]
 
-COMPATIBLE = "pidfd-v1"
+COMPATIBLE = PidfdRecord.compatible
 LINK = "anon_inode:[pidfd]"
-_DATA = struct.Struct("<BBHiI")
 
 
-@dataclass(frozen=True)
-class PidfdInfo:
-    """What ``pidfd-v1`` records about a pidfd."""
-
-    pid: int
-    flags: int
-
-    @classmethod
-    def of(cls, fd: int) -> PidfdInfo:
-        info = fdinfo(fd)
-        try:
-            pid = int(info["Pid"])
-        except (KeyError, ValueError):
-            raise OSError(errno.EINVAL, "fdinfo has no Pid") from None
-        return cls(pid, open_flags(info))
-
-    def encode(self) -> bytes:
-        return _DATA.pack(FORMAT_VERSION, 0, 0, self.pid, self.flags)
-
-    @classmethod
-    def decode(cls, data: bytes) -> PidfdInfo:
-        """Parse ``pidfd-v1`` data; :class:`ValueError` when malformed."""
-        check_header(data, _DATA.size, COMPATIBLE)
-        if len(data) != _DATA.size:
-            raise ValueError(f"{COMPATIBLE} data of {len(data)} bytes, expected {_DATA.size}")
-        _v, _r1, _r2, pid, flags = _DATA.unpack(data)
-        return cls(pid, flags)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "pidfd", "pid": self.pid, "nonblock": bool(self.flags & os.O_NONBLOCK)}
+def read_pidfd(fd: int) -> PidfdRecord:
+    """What ``pidfd-v1`` records about the pidfd ``fd`` (from its fdinfo)."""
+    info = fdinfo(fd)
+    try:
+        pid = int(info["Pid"])
+    except (KeyError, ValueError):
+        raise OSError(errno.EINVAL, "fdinfo has no Pid") from None
+    return PidfdRecord(pid, open_flags(info))
 
 
-class PidfdHandler(FileHandler):
+class PidfdHandler(RecordHandler[PidfdRecord]):
     """Preserves pidfds by holding them open."""
 
     compatible = COMPATIBLE
+    record = PidfdRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         return fd_link(fd) == LINK
 
-    def freeze(self, file: PreservedFile) -> bytes:
-        return PidfdInfo.of(file.fd).encode()
+    def capture(self, file: PreservedFile) -> PidfdRecord:
+        return read_pidfd(file.fd)
 
-    def restore(self, file: PreservedFile) -> None:
-        recorded = decode_record(PidfdInfo, file.data)
+    def check(self, file: PreservedFile, recorded: PidfdRecord) -> None:
         if fd_link(file.fd) != LINK:
             raise OSError(errno.EINVAL, "inherited fd is not a pidfd")
-        now = PidfdInfo.of(file.fd)
+        now = read_pidfd(file.fd)
         # A pidfd's pid never changes; it only turns to -1 once reaped.
         if recorded.pid > 0 and now.pid not in (recorded.pid, -1):
             raise OSError(errno.EINVAL, f"inherited pidfd is pid {now.pid}, not {recorded.pid}")
-
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        return describe_record(PidfdInfo, file.fd, file.data, "pidfd")
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """The fields of ``pidfd-v1`` data (for ``luoctl inspect``)."""
-        info = PidfdInfo.decode(data)
-        return {"version": FORMAT_VERSION, **info.to_dict(), "flags": info.flags}

@@ -10,7 +10,7 @@ yet read are still in the pipe afterwards; what the data records (which end,
 the name, how many bytes were queued at freeze) is for inspection and for
 checking the inherited fd.
 
-Handler data, little-endian::
+Handler data (:class:`liveupdate.handler_abi.PipeRecord`), little-endian::
 
     offset  size  field
     0       1     format version (1)
@@ -34,26 +34,17 @@ import os
 import stat
 import struct
 import termios
-from dataclasses import dataclass
-from typing import Any
 
-from liveupdate.core.file import FileHandler, PreservedFile
-from liveupdate.core.handlers._proc import (
-    FORMAT_VERSION,
-    check_header,
-    decode_record,
-    describe_record,
-    fd_link_bytes,
-    pack_bytes,
-    unpack_bytes,
-)
+from liveupdate.core.file import PreservedFile
+from liveupdate.core.handlers._proc import fd_link_bytes
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import PipeRecord
+from liveupdate.handler_abi.records import PIPE_ENDS
 
-__all__ = ["PipeHandler", "PipeInfo"]
+__all__ = ["PipeHandler", "read_pipe"]
 
-COMPATIBLE = "pipe-v1"
-_HEADER = struct.Struct("<BBBBIIQ")
+COMPATIBLE = PipeRecord.compatible
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-_ENDS = {os.O_RDONLY: "read", os.O_WRONLY: "write", os.O_RDWR: "read-write"}
 
 
 def queued_bytes(fd: int) -> int:
@@ -69,97 +60,40 @@ def _capacity(fd: int) -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class PipeInfo:
-    """What ``pipe-v1`` records about a pipe end."""
-
-    accmode: int
-    named: bool
-    queued: int
-    capacity: int
-    inode: int
-    link: bytes
-
-    @classmethod
-    def of(cls, fd: int) -> PipeInfo:
-        st = os.fstat(fd)
-        accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        link = fd_link_bytes(fd)
-        return cls(
-            accmode,
-            link.startswith(b"/"),
-            queued_bytes(fd),
-            _capacity(fd),
-            st.st_ino,
-            link,
-        )
-
-    def encode(self) -> bytes:
-        header = _HEADER.pack(
-            FORMAT_VERSION,
-            self.accmode,
-            int(self.named),
-            0,
-            min(self.queued, 0xFFFFFFFF),
-            min(self.capacity, 0xFFFFFFFF),
-            self.inode,
-        )
-        return header + pack_bytes(self.link)
-
-    @classmethod
-    def decode(cls, data: bytes) -> PipeInfo:
-        """Parse ``pipe-v1`` data; :class:`ValueError` when malformed."""
-        check_header(data, _HEADER.size, COMPATIBLE)
-        _v, accmode, named, _reserved, queued, capacity, inode = _HEADER.unpack_from(data)
-        if accmode not in _ENDS or named not in (0, 1):
-            raise ValueError(f"{COMPATIBLE} data: access mode {accmode}, named {named}")
-        link, offset = unpack_bytes(data, _HEADER.size)
-        if offset != len(data):
-            raise ValueError(f"{COMPATIBLE} data has {len(data) - offset} trailing bytes")
-        return cls(accmode, bool(named), queued, capacity, inode, link)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": "fifo" if self.named else "pipe",
-            "end": _ENDS.get(self.accmode, str(self.accmode)),
-            "path": self.link.decode("utf-8", "backslashreplace"),
-            "size": self.queued,
-            "capacity": self.capacity,
-            "inode": self.inode,
-        }
+def read_pipe(fd: int) -> PipeRecord:
+    """What ``pipe-v1`` records about the pipe end ``fd`` (reading no byte of it)."""
+    st = os.fstat(fd)
+    accmode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    link = fd_link_bytes(fd)
+    return PipeRecord(
+        accmode, link.startswith(b"/"), queued_bytes(fd), _capacity(fd), st.st_ino, link
+    )
 
 
-class PipeHandler(FileHandler):
+class PipeHandler(RecordHandler[PipeRecord]):
     """Preserves pipe ends and FIFOs by holding them open."""
 
     compatible = COMPATIBLE
+    record = PipeRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         return stat.S_ISFIFO(st.st_mode)
 
-    def freeze(self, file: PreservedFile) -> bytes:
-        return PipeInfo.of(file.fd).encode()
+    def capture(self, file: PreservedFile) -> PipeRecord:
+        return read_pipe(file.fd)
 
-    def restore(self, file: PreservedFile) -> None:
-        info = decode_record(PipeInfo, file.data)
+    def check(self, file: PreservedFile, recorded: PipeRecord) -> None:
         st = os.fstat(file.fd)
         if not stat.S_ISFIFO(st.st_mode):
             raise OSError(errno.EINVAL, "inherited fd is not a pipe or FIFO")
-        if st.st_ino != info.inode:
-            raise OSError(errno.EINVAL, f"inherited pipe is inode {st.st_ino}, not {info.inode}")
+        if st.st_ino != recorded.inode:
+            raise OSError(
+                errno.EINVAL, f"inherited pipe is inode {st.st_ino}, not {recorded.inode}"
+            )
         accmode = fcntl.fcntl(file.fd, fcntl.F_GETFL) & os.O_ACCMODE
-        if accmode != info.accmode:
+        if accmode != recorded.accmode:
             raise OSError(
                 errno.EINVAL,
-                f"inherited pipe is the {_ENDS.get(accmode)} end, not the "
-                f"{_ENDS.get(info.accmode)} end",
+                f"inherited pipe is the {PIPE_ENDS.get(accmode)} end, not the "
+                f"{PIPE_ENDS.get(recorded.accmode)} end",
             )
-
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        return describe_record(PipeInfo, file.fd, file.data, "pipe")
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """The fields of ``pipe-v1`` data (for ``luoctl inspect``)."""
-        info = PipeInfo.decode(data)
-        return {"version": FORMAT_VERSION, **info.to_dict()}

@@ -6,7 +6,7 @@ fd). luod holds the master, so the terminal stays up across the update: the
 processes on its slave (``/dev/pts/N``) keep running, see no hangup, and
 bytes in either direction stay queued. Slaves themselves are not accepted.
 
-Handler data, little-endian::
+Handler data (:class:`liveupdate.handler_abi.PtyRecord`), little-endian::
 
     offset  size  field
     0       1     format version (1)
@@ -27,26 +27,18 @@ import fcntl
 import os
 import stat
 import struct
-from dataclasses import dataclass
-from typing import Any
 
-from liveupdate.core.file import FileHandler, FileKey, PreservedFile
-from liveupdate.core.handlers._proc import (
-    FORMAT_VERSION,
-    check_header,
-    decode_record,
-    describe_record,
-    fdinfo,
-    open_flags,
-)
+from liveupdate.core.file import FileKey, PreservedFile
+from liveupdate.core.handlers._proc import fdinfo, open_flags
+from liveupdate.core.handlers._record import RecordHandler
+from liveupdate.handler_abi import PtyRecord
 
-__all__ = ["PtyHandler", "PtyInfo", "pts_index"]
+__all__ = ["PtyHandler", "pts_index"]
 
-COMPATIBLE = "pty-v1"
+COMPATIBLE = PtyRecord.compatible
 PTMX_MAJOR = 5
 PTMX_MINOR = 2
 TIOCGPTN = 0x80045430
-_DATA = struct.Struct("<BBHII")
 
 
 def is_pty_master(st: os.stat_result) -> bool:
@@ -67,37 +59,11 @@ def pts_index(fd: int) -> int:
     return int(struct.unpack("I", raw)[0])
 
 
-@dataclass(frozen=True)
-class PtyInfo:
-    """What ``pty-v1`` records about a PTY master."""
-
-    index: int
-    flags: int
-
-    @classmethod
-    def of(cls, fd: int) -> PtyInfo:
-        return cls(pts_index(fd), open_flags(fdinfo(fd)))
-
-    def encode(self) -> bytes:
-        return _DATA.pack(FORMAT_VERSION, 0, 0, self.index, self.flags)
-
-    @classmethod
-    def decode(cls, data: bytes) -> PtyInfo:
-        """Parse ``pty-v1`` data; :class:`ValueError` when malformed."""
-        check_header(data, _DATA.size, COMPATIBLE)
-        if len(data) != _DATA.size:
-            raise ValueError(f"{COMPATIBLE} data of {len(data)} bytes, expected {_DATA.size}")
-        _v, _r1, _r2, index, flags = _DATA.unpack(data)
-        return cls(index, flags)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "pty", "pts": self.index, "path": f"/dev/pts/{self.index}"}
-
-
-class PtyHandler(FileHandler):
+class PtyHandler(RecordHandler[PtyRecord]):
     """Preserves PTY masters by holding them open."""
 
     compatible = COMPATIBLE
+    record = PtyRecord
 
     def can_preserve(self, fd: int, st: os.stat_result) -> bool:
         if not is_pty_master(st):
@@ -116,11 +82,10 @@ class PtyHandler(FileHandler):
         """
         return (st.st_dev, st.st_ino, pts_index(fd))
 
-    def freeze(self, file: PreservedFile) -> bytes:
-        return PtyInfo.of(file.fd).encode()
+    def capture(self, file: PreservedFile) -> PtyRecord:
+        return PtyRecord(pts_index(file.fd), open_flags(fdinfo(file.fd)))
 
-    def restore(self, file: PreservedFile) -> None:
-        recorded = decode_record(PtyInfo, file.data)
+    def check(self, file: PreservedFile, recorded: PtyRecord) -> None:
         if not is_pty_master(os.fstat(file.fd)):
             raise OSError(errno.EINVAL, "inherited fd is not a PTY master")
         index = pts_index(file.fd)
@@ -128,12 +93,3 @@ class PtyHandler(FileHandler):
             raise OSError(
                 errno.EINVAL, f"inherited PTY master is pts {index}, not {recorded.index}"
             )
-
-    def describe(self, file: PreservedFile) -> dict[str, Any]:
-        return describe_record(PtyInfo, file.fd, file.data, "pty")
-
-    @staticmethod
-    def describe_data(data: bytes) -> dict[str, Any]:
-        """The fields of ``pty-v1`` data (for ``luoctl inspect``)."""
-        info = PtyInfo.decode(data)
-        return {"version": FORMAT_VERSION, **info.to_dict(), "flags": info.flags}

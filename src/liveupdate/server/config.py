@@ -1,0 +1,319 @@
+"""luod's configuration: every option declared once.
+
+Each field of :class:`Config` is one ``luod`` option, declared with
+:func:`option` next to its type and default. That one declaration gives:
+
+* the ``click`` option (:func:`click_options` decorates ``luod.main``);
+* the field of :class:`Config` that ``luod`` reads;
+* the argument that reproduces it for the next generation
+  (:meth:`Config.to_args`: a live update re-executes luod with the same
+  configuration, resolved: absolute paths, the admin group as a gid).
+
+A value that needs converting says so with its click type (:data:`OCTAL`,
+:data:`GROUP_ID`, :data:`EXECUTABLE`), which also reads back what
+:meth:`~Config.to_args` writes. Options that are not configuration (the
+``--check-image`` mode, the hidden options a re-exec passes the handover
+with) are declared on ``luod.main`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from liveupdate import paths
+from liveupdate.core.policy import Limits
+
+__all__ = ["EXECUTABLE", "GROUP_ID", "OCTAL", "Config", "Option", "click_options", "gid_of"]
+
+#: Key of a :class:`Config` field's metadata that holds its :class:`Option`.
+OPTION = "luod-option"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def gid_of(group: str) -> int:
+    """The gid of a group given by name or number (``KeyError``: no such group)."""
+    try:
+        return int(group)
+    except ValueError:
+        return grp.getgrnam(group).gr_gid
+
+
+if TYPE_CHECKING:
+    _ToInt = click.ParamType[int, str | int]
+    _ToPath = click.ParamType[str, str]
+else:  # older clicks' ParamType is not generic
+    _ToInt = _ToPath = click.ParamType
+
+
+class _Octal(_ToInt):
+    name = "mode"
+
+    def convert(
+        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value, 8)
+        except ValueError:
+            self.fail(f"{value!r} is not octal", param, ctx)
+
+
+class _GroupId(_ToInt):
+    name = "group"
+
+    def convert(
+        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return gid_of(value)
+        except KeyError:
+            self.fail(f"no group {value!r}", param, ctx)
+
+
+class _Executable(_ToPath):
+    name = "path"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        # execv does not search PATH (the pre-flight's subprocess would):
+        # resolve now, so both run the same file.
+        resolved = shutil.which(value)
+        if resolved is None:
+            self.fail(f"{value!r} is not an executable", param, ctx)
+        return os.path.abspath(resolved)
+
+
+#: Permission bits in octal (``0660``), read as an int.
+OCTAL = _Octal()
+#: A group name or gid, read as the gid.
+GROUP_ID = _GroupId()
+#: An executable found like a shell would, read as its absolute path.
+EXECUTABLE = _Executable()
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one :class:`Config` field appears on luod's command line.
+
+    Attributes:
+        flag: The option (``--max-files``).
+        params: ``click.option``'s keyword arguments (help, type, ...).
+        to_arg: Writes the value back as the option's argument; ``None``
+            for a flag, given when the value is true.
+    """
+
+    flag: str
+    params: Mapping[str, Any]
+    to_arg: Callable[[Any], str] | None = str
+
+
+def option(
+    flag: str,
+    value: Any = dataclasses.MISSING,
+    *,
+    to_arg: Callable[[Any], str] | None = str,
+    **params: Any,
+) -> Any:
+    """A :class:`Config` field that is the option ``flag`` (see :class:`Option`).
+
+    ``value`` is the field's default and, unless ``params`` gives a
+    ``default`` of its own, the option's.
+    """
+    if "default" not in params and value is not dataclasses.MISSING:
+        params["default"] = value
+    return dataclasses.field(default=value, metadata={OPTION: Option(flag, params, to_arg)})
+
+
+@dataclass
+class Config:
+    """Everything ``luod``'s options set, in ``luod --help``'s order."""
+
+    #: The click default is computed at start (it depends on the user).
+    socket_path: str = option(
+        "--socket",
+        default=paths.default_socket_path,
+        show_default="/run/liveupdate/device as root, else $XDG_RUNTIME_DIR/liveupdate/device",
+        help="Path of the device socket to serve.",
+    )
+    socket_mode: int = option(
+        "--socket-mode",
+        0o600,
+        to_arg=lambda mode: f"{mode:04o}",
+        type=OCTAL,
+        default="0600",  # shown as written: OCTAL reads it
+        show_default=True,
+        help="Permission bits of the socket (octal); who may connect may use the device.",
+    )
+    #: As given (a name stays a name: the next generation resolves it again).
+    socket_group: str | None = option(
+        "--socket-group", None, help="Group (name or gid) owning the socket."
+    )
+    state_dir: str = option(
+        "--state-dir",
+        "",
+        help="Directory of the lock, state and handover files [default: the socket's directory].",
+    )
+    state_file: str = option(
+        "--state-file",
+        "",
+        help="File mirroring the state (normal|prepared|frozen|updated) "
+        "[default: STATE_DIR/state].",
+    )
+    max_sessions: int = option(
+        "--max-sessions",
+        Limits.max_sessions,
+        type=click.IntRange(1),
+        show_default=True,
+        help="Most outgoing sessions at once (CREATE_SESSION then fails with ENOMEM).",
+    )
+    max_files: int = option(
+        "--max-files",
+        Limits.max_files,
+        type=click.IntRange(1),
+        show_default=True,
+        help="Most files in one session (PRESERVE_FD then fails with ENOSPC).",
+    )
+    max_sessions_per_uid: int = option(
+        "--max-sessions-per-uid",
+        Limits.max_sessions_per_uid,
+        type=click.IntRange(0),
+        show_default=True,
+        help="Most sessions luod holds for one uid, incoming ones included (CREATE_SESSION "
+        "then fails with ENOMEM); 0: no quota. uid 0 and luod's own uid are exempt.",
+    )
+    max_files_per_uid: int = option(
+        "--max-files-per-uid",
+        Limits.max_files_per_uid,
+        type=click.IntRange(0),
+        show_default=True,
+        help="Most files luod holds for one uid over all its sessions (PRESERVE_FD then "
+        "fails with ENOSPC); 0: no quota.",
+    )
+    max_memfd_bytes_per_uid: int = option(
+        "--max-memfd-bytes-per-uid",
+        Limits.max_memfd_bytes_per_uid,
+        type=click.IntRange(0),
+        show_default=True,
+        help="Most bytes of memfd (sizes when preserved) luod holds for one uid "
+        "(PRESERVE_FD then fails with ENOSPC); 0: no quota.",
+    )
+    fd_reserve: int = option(
+        "--fd-reserve",
+        Limits.fd_reserve,
+        type=click.IntRange(0),
+        show_default=True,
+        help="fds of luod's RLIMIT_NOFILE kept for its own work, so that a reboot stays "
+        "possible: CREATE_SESSION and PRESERVE_FD that would use them fail with EMFILE.",
+    )
+    #: Resolved to a gid once (the next generation gets the number).
+    admin_gid: int | None = option(
+        "--admin-group",
+        None,
+        type=GROUP_ID,
+        metavar="GROUP",
+        help="Group (name or gid) whose members may drive the state machine (prepare, "
+        "cancel, reboot, finish everyone's sessions) like root and luod's own user.",
+    )
+    log_format: str = option(
+        "--log-format",
+        "human",
+        type=click.Choice(["human", "json"]),
+        show_default=True,
+        help="One line per event, readable or JSON.",
+    )
+    log_level: str = option(
+        "--log-level",
+        "info",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        show_default=True,
+        help="debug also logs every ioctl and every caller mistake.",
+    )
+    #: Seconds between two journal writes (0: no journal).
+    journal_interval: float = option(
+        "--journal-interval",
+        1.0,
+        type=click.FloatRange(0),
+        show_default=True,
+        help="Seconds between two writes of the journal (STATE_DIR/journal.dtb), which lets "
+        "the next start report what was lost if luod is killed; 0 disables it.",
+    )
+    #: The next generation's executable (absolute); ``None``: ``luod.default_exec_argv``.
+    exec_path: str | None = option(
+        "--exec",
+        None,
+        type=EXECUTABLE,
+        metavar="PATH",
+        help="luod executable the live update re-executes [default: this Python running "
+        "the installed liveupdate package].",
+    )
+    #: The listener came from systemd (kept across re-execs: never unlink it).
+    socket_activated: bool = option("--socket-activated", False, to_arg=None, hidden=True)
+
+    def __post_init__(self) -> None:
+        if not self.state_dir:
+            self.state_dir = str(Path(self.socket_path).parent)
+        if not self.state_file:
+            self.state_file = str(Path(self.state_dir) / "state")
+
+    def absolute(self) -> Config:
+        """This configuration with every path absolute (luod leaves its working
+        directory; the next generation must find the same files)."""
+        return dataclasses.replace(
+            self,
+            socket_path=os.path.abspath(self.socket_path),
+            state_dir=os.path.abspath(self.state_dir),
+            state_file=os.path.abspath(self.state_file),
+        )
+
+    @property
+    def exec_argv(self) -> list[str]:
+        """The next generation's command, if ``--exec`` gave one."""
+        return [self.exec_path] if self.exec_path else []
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_sessions=self.max_sessions,
+            max_files=self.max_files,
+            max_sessions_per_uid=self.max_sessions_per_uid,
+            max_files_per_uid=self.max_files_per_uid,
+            max_memfd_bytes_per_uid=self.max_memfd_bytes_per_uid,
+            fd_reserve=self.fd_reserve,
+            admin_gid=self.admin_gid,
+        )
+
+    def to_args(self) -> list[str]:
+        """The options that reproduce this configuration (for the next generation)."""
+        args: list[str] = []
+        for field in dataclasses.fields(self):
+            spec: Option = field.metadata[OPTION]
+            value = getattr(self, field.name)
+            if spec.to_arg is None:
+                args += [spec.flag] if value else []
+            elif value is not None:
+                args += [spec.flag, spec.to_arg(value)]
+        return args
+
+
+def click_options(command: F) -> F:
+    """Declare every :class:`Config` field as an option of ``command``.
+
+    ``command`` gets them as keyword arguments named after the fields, ready
+    for ``Config(**options)``.
+    """
+    for field in reversed(dataclasses.fields(Config)):
+        spec: Option = field.metadata[OPTION]
+        command = click.option(spec.flag, field.name, **spec.params)(command)
+    return command

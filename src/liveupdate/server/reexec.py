@@ -1,0 +1,320 @@
+"""The re-exec driver: luod's live update, the re-exec that plays the kexec.
+
+:class:`ReexecDriver` is the :class:`~liveupdate.core.reboot.RebootHost` of a
+running luod. The core decides, freezes and orders the steps; the driver
+does what touches the outside world, in this order:
+
+1. the *pre-flight* (:mod:`liveupdate.server.preflight`): the code that runs
+   next must read a dry-run image of this generation, or PREPARE fails;
+2. the *intent* (:meth:`~ReexecDriver.begin_reboot`): what is about to be
+   handed over, on disk before anything is frozen (the journal brought up to
+   date plus the ``reboot-in-progress`` marker), so that a crash from here on
+   is reported by the next cold start (:mod:`liveupdate.server.lossreport`);
+3. the *handover image* (``STATE_DIR/handover.dtb``), written atomically once
+   everything is frozen (:meth:`~ReexecDriver.commit_reboot`);
+4. the *re-exec*, deferred by the transport until the REBOOT's reply is out:
+   every preserved fd, the listening socket and the lock are inherited by
+   ``execve`` of the installed luod, so clients' connection attempts wait in
+   the backlog instead of being refused. ``--no-exec`` (or a failed exec)
+   builds the next generation in-process, from the same image file through
+   the same function (:func:`restore_from_image`).
+
+Both children (the pre-flight and the re-exec) run only installed code: the
+command luod was given (``luod.default_exec_argv`` says which), in ``/``,
+with the environment :func:`child_environment` builds instead of luod's
+own. Every file is reached through the checked state directory fd
+(:class:`~liveupdate.server.safefs.StateDir`), never through a link. The
+crash-safety tests make the driver fail at each step through
+:mod:`liveupdate.server.faults`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from liveupdate.core import reboot
+from liveupdate.core.file import HandlerRegistry, PreservedFile
+from liveupdate.core.luo import Hooks, Orchestrator
+from liveupdate.core.policy import Limits
+from liveupdate.events import event
+from liveupdate.handover_abi import HandoverError, HandoverImage
+from liveupdate.handover_codec import decode_image, encode_image
+from liveupdate.server import systemd
+from liveupdate.server.faults import FAULT_ENV, FaultInjector, FaultStep
+from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
+from liveupdate.server.preflight import run_preflight
+from liveupdate.server.safefs import StateDir
+
+__all__ = ["ReexecDriver", "Transport", "child_environment", "restore_from_image"]
+
+#: PATH of luod's children: the system's directories, never the caller's.
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables of luod's own environment its children get unchanged: the service
+#: manager's (``sd_notify``, journal) and luod's test hook. Everything else
+#: (``LD_PRELOAD``, ``PYTHON*``, ``HOME``, locale...) is the caller's, not ours.
+PASSED_ENV = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", FAULT_ENV)
+
+
+def child_environment(
+    environ: Mapping[str, str] | None = None, python_path: str | None = None
+) -> dict[str, str]:
+    """The environment of every child luod starts (pre-flight, re-exec).
+
+    ``python_path`` is the ``PYTHONPATH`` luod itself was started with, made
+    of absolute directories (``luod.main`` resolves it before leaving its
+    working directory): handler plugins installed there are part of what the
+    operator installed, and the next generation must load them too.
+    """
+    source = os.environ if environ is None else environ
+    env = {"PATH": CHILD_PATH, "LC_ALL": "C.UTF-8"}
+    env.update({name: source[name] for name in PASSED_ENV if name in source})
+    if python_path:
+        env["PYTHONPATH"] = python_path
+    return env
+
+
+class Transport(Protocol):
+    """What the driver needs from the transport serving the current generation
+    (:class:`~liveupdate.server.transport.DeviceServer`)."""
+
+    @property
+    def luo(self) -> Orchestrator:
+        """The generation served now."""
+
+    @property
+    def listener_fd(self) -> int:
+        """The listening socket, inherited by the next luod."""
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run ``work`` after the current call's reply is sent."""
+
+    def close_connections(self) -> None:
+        """Close every device and session connection (the sessions stay held)."""
+
+    def replace_generation(self, luo: Orchestrator) -> None:
+        """Serve ``luo`` from now on (the in-process reboot)."""
+
+
+class ReexecDriver:
+    """Carries out the live updates of one luod process.
+
+    Args:
+        transport: The transport serving the current generation.
+        registry: Handlers (for the in-process restore).
+        limits: The limits the next generation keeps.
+        state_dir: Where the handover image lives (checked once, see ``safefs``).
+        exec_argv: The command of the next luod (the installed one).
+        daemon_args: luod's options, passed on to the next generation.
+        lock_fd: The state directory's lock, inherited so no other luod can
+            start between the two generations.
+        faults: The crash-safety tests' fault injection.
+        journal: Brought up to date as the intent of a reboot (else an image is).
+        env: The children's environment (:func:`child_environment` by default).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        registry: HandlerRegistry,
+        limits: Limits,
+        state_dir: StateDir,
+        exec_argv: Sequence[str],
+        daemon_args: Sequence[str],
+        lock_fd: int,
+        faults: FaultInjector | None = None,
+        journal: Journal | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.registry = registry
+        self.limits = limits
+        self.dir = state_dir
+        self.env = dict(env) if env is not None else child_environment()
+        self.exec_argv = list(exec_argv)
+        self.daemon_args = list(daemon_args)
+        self.lock_fd = lock_fd
+        self.faults = faults or FaultInjector()
+        self.journal = journal
+        self.started_at = 0.0
+        #: Who writes the images (``luoctl inspect`` shows it).
+        self.writer = f"luod pid {os.getpid()}"
+
+    @property
+    def image_path(self) -> Path:
+        return Path(self.dir.show(IMAGE_NAME))
+
+    # -- RebootHost ------------------------------------------------------------
+
+    def preflight(self, image: HandoverImage) -> None:
+        image.writer = self.writer
+        run_preflight(image, self.dir, self.exec_argv, self.env)
+
+    def begin_reboot(self, intent: HandoverImage) -> None:
+        self.started_at = time.monotonic()
+        event("reboot-started", generation=intent.liveupdate_number, sessions=len(intent.sessions))
+        # The intent: what a crash from here on would lose. The journal says
+        # it (brought up to date: usually nothing to write) plus a marker
+        # saying a reboot began; without a journal, an image of the intent.
+        # It is all or nothing: the caller rolls back only what comes after
+        # this call, so a failure here (a full disk) must leave no intent
+        # behind, or the next clean start would report every session lost.
+        try:
+            if self.journal is not None and self.journal.enabled:
+                self.journal.flush(self.transport.luo)
+            else:
+                intent.writer = self.writer
+                self.dir.write_atomic(IMAGE_NAME, encode_image(intent))
+            self.dir.write_atomic(MARKER_NAME, f"{intent.liveupdate_number}\n".encode())
+        except BaseException as exc:
+            self._forget_intent()
+            event("reboot-aborted", logging.WARNING, error=str(exc), step="intent")
+            raise
+
+    def freeze_hook(self, file: PreservedFile) -> None:
+        self.faults.freeze(file)
+        self.faults.point(FaultStep.FREEZE)
+
+    def abort_reboot(self) -> None:
+        self._forget_intent()
+        event("reboot-aborted", logging.WARNING)
+
+    def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
+        image.writer = self.writer
+        self.dir.write_atomic(IMAGE_NAME, encode_image(image))
+        self.faults.point(FaultStep.AFTER_IMAGE)
+        self.transport.defer(lambda: self._next_generation(no_exec))
+
+    def _forget_intent(self) -> None:
+        self.dir.unlink(IMAGE_NAME)
+        self.dir.unlink(MARKER_NAME)
+
+    # -- starting the next generation -----------------------------------------------
+
+    def _next_generation(self, no_exec: bool) -> None:
+        # The old generation's device and session fds die here: clients see
+        # ENODEV. The files stay held by the orchestrator.
+        self.transport.close_connections()
+        systemd.notify("STATUS=live update in progress")
+        if not no_exec:
+            self.faults.point(FaultStep.BEFORE_EXEC)
+            try:
+                self.exec_next(reboot.preserved_fds(self.transport.luo))
+            except OSError as exc:
+                event("exec-failed", logging.ERROR, error=str(exc), fallback="in-process")
+        self.restore_in_process()
+
+    def exec_next(self, file_fds: Sequence[int]) -> None:
+        """Replace this process by the next luod; returns only if exec failed."""
+        listener = self.transport.listener_fd
+        inherited = [listener, self.lock_fd, *file_fds]
+        argv = [
+            *self.exec_argv,
+            *self.daemon_args,
+            "--handover",
+            str(self.image_path),
+            "--listen-fd",
+            str(listener),
+            "--lock-fd",
+            str(self.lock_fd),
+        ]
+        event("exec", argv=" ".join(argv), fds=len(inherited))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        try:
+            # The same directory and environment as the pre-flight that
+            # checked this code (luod runs in "/" since its start).
+            os.execve(argv[0], argv, self.env)
+        except OSError:
+            for fd in inherited:
+                os.set_inheritable(fd, False)
+            raise
+
+    def retry_restore(self) -> None:
+        """SIGHUP while restoring failed: re-execute the installed luod on the same
+        image and the same inherited fds (they were never closed)."""
+        if self.transport.luo.restore_error is None or not self.dir.exists(IMAGE_NAME):
+            event("sighup-ignored", reason="nothing to retry")
+            return
+        event("restore-retry", image=str(self.image_path))
+        self.transport.close_connections()
+        # After an exec, the inherited fds were never made close-on-exec; after
+        # a failed in-process restore they were: hand on every fd the image names.
+        try:
+            fds = [f.fd for s in decode_image(self.dir.read(IMAGE_NAME)).sessions for f in s.files]
+        except (OSError, HandoverError):
+            fds = []
+        try:
+            self.exec_next(fds)
+        except OSError as exc:
+            event("exec-failed", logging.ERROR, error=str(exc))
+
+    def restore_in_process(self) -> None:
+        """Start the next generation without exec, from the image just committed."""
+        old = self.transport.luo
+        # Incoming sessions of the ending generation that are not handed on
+        # are released, exactly as the exec would (their fds are close-on-exec).
+        old.sessions.drop_incoming()
+        # The very path an exec'd luod takes: restore from the image file just
+        # committed (on failure: EIO opens, the image and every fd kept).
+        new = restore_from_image(
+            self.dir, IMAGE_NAME, self.registry, self.limits, self.faults, old.hooks
+        )
+        self.transport.replace_generation(new)
+        # The state file said "frozen": it says the new generation's state.
+        new.hooks.on_state_change(new.state)
+        elapsed = time.monotonic() - self.started_at
+        event(
+            "reboot-complete",
+            generation=new.generation,
+            incoming=len(new.sessions.incoming),
+            seconds=round(elapsed, 6),
+            exec=False,
+        )
+        systemd.notify("READY=1", f"STATUS=serving generation {new.generation}")
+
+
+def restore_from_image(
+    state_dir: StateDir,
+    name: str,
+    registry: HandlerRegistry,
+    limits: Limits,
+    faults: FaultInjector,
+    hooks: Hooks | None = None,
+) -> Orchestrator:
+    """The next generation, restored from the image file (after an exec or in-process).
+
+    ``hooks``: the daemon's (an in-process reboot passes the ending generation's).
+
+    On failure the result serves nothing but ``EIO`` opens; every fd the
+    image names stays open and the image stays in place, so a fixed version
+    can retry (SIGHUP re-executes on the same image and fds).
+    """
+    generation = 0
+    path = state_dir.show(name)
+    try:
+        image = decode_image(state_dir.read(name))
+        generation = image.liveupdate_number + 1
+        luo = reboot.restore(
+            image, registry, limits, hooks, on_session=lambda _s: faults.point(FaultStep.RESTORE)
+        )
+    except (OSError, HandoverError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        luo = Orchestrator(registry, limits, generation, hooks, restore_error=f"{path}: {reason}")
+        event("restore-failed", logging.ERROR, image=str(path), reason=reason)
+        return luo
+    state_dir.rename(name, LAST_IMAGE_NAME)
+    state_dir.unlink(MARKER_NAME)
+    event(
+        "restored",
+        generation=luo.generation,
+        sessions=len(luo.sessions.incoming),
+        files=luo.sessions.file_count,
+    )
+    return luo
