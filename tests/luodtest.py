@@ -1,20 +1,40 @@
-"""Helpers shared by the test suite: real luod processes on private sockets.
+"""The one helper module of the test suite: real luod processes and their tools.
 
 Importable from any test module as ``luodtest`` (``tests/`` is on pytest's
-``pythonpath``). The fixtures built on it live in ``conftest.py``.
+``pythonpath``). The fixtures built on it live in ``conftest.py``. What is
+here:
+
+* :class:`Luod`, a real luod child process on a private socket, logging JSON
+  events (``--log-format json``) unless the test chooses a format itself;
+* :func:`events`, luod's log parsed into event dicts, so that tests assert on
+  event names and fields instead of formatted text;
+* :func:`wait_for` / :func:`wait_until`, bounded polling for asynchronous
+  effects (a closed connection is released when luod's loop reads the EOF);
+* :func:`memfd` and :func:`read_all`, real memfds with known contents;
+* :func:`luoctl` and :func:`luoctl_reboot`, the CLI as a real command;
+* :func:`preserved_session` and :func:`assert_retrieves`, a session with one
+  memfd and the check that its successor gets the same bytes;
+* :func:`state`, :func:`sessions`, :func:`fds_settle`, :func:`raw_send` and
+  :func:`can_connect`, short looks at and pokes into a running daemon.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import liveupdate
+from liveupdate import wire
 
 TEST_DEVICE_ENV = "LIVEUPDATE_TEST_DEVICE"
 REPO = Path(__file__).resolve().parents[1]
@@ -37,16 +57,43 @@ class Luod:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    #: ``--log-format`` given to luod unless ``args`` names one: JSON, so that
+    #: :func:`events` can read the log.
+    log_format: str = "json"
 
     @property
     def pid(self) -> int:
+        """The serving luod's pid. A live update moves it to the successor
+        (the next generation, a child of the old one), which writes its pid
+        into the state directory's lock file."""
         assert self.proc is not None
+        current = self._lock_pid()
+        if current is not None and current != self.proc.pid and running(current):
+            return current
         return self.proc.pid
+
+    def _lock_pid(self) -> int | None:
+        state_dir = self.state_dir
+        if "--state-dir" in self.args:
+            state_dir = Path(self.args[self.args.index("--state-dir") + 1])
+        try:
+            return int((state_dir / "luod.lock").read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
 
     def start(self, wait: bool = True) -> Luod:
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        fmt = [] if "--log-format" in self.args else ["--log-format", self.log_format]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "liveupdate.server.luod", "--socket", self.socket, *self.args],
+            [
+                sys.executable,
+                "-m",
+                "liveupdate.server.luod",
+                "--socket",
+                self.socket,
+                *fmt,
+                *self.args,
+            ],
             stdout=logf,
             stderr=logf,
             env=self.env,
@@ -58,7 +105,7 @@ class Luod:
         return self
 
     def wait_serving(self, timeout: float = 20.0) -> None:
-        """Wait for the ``serving`` line, proof that the socket listens."""
+        """Wait for the ``serving`` event, proof that the socket listens."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "serving" in self.log.read_text(errors="replace"):
@@ -79,10 +126,29 @@ class Luod:
         return liveupdate.open_device(self.socket, timeout=timeout)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is None:
+            return False
+        return self.proc.poll() is None or (self.pid != self.proc.pid and running(self.pid))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Stop the serving luod; its exit status (0 for a successor that exited
+        after ``sig``: not our child, its status is not ours to read)."""
         assert self.proc is not None
+        current = self.pid
+        if current != self.proc.pid:
+            try:  # the old generation, exiting after the hand-over
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            os.kill(current, sig)
+            deadline = time.monotonic() + timeout
+            while running(current) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if running(current):
+                os.kill(current, signal.SIGKILL)
+                return -signal.SIGKILL
+            return 0 if sig == signal.SIGTERM else -sig
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -91,6 +157,15 @@ class Luod:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 #: luoctl as a real command, with this interpreter.
@@ -112,3 +187,196 @@ def luoctl(
         env={**(os.environ if env is None else env), "COLUMNS": "200"},
         check=False,
     )
+
+
+_REBOOTED = re.compile(r"generation (\d+) -> (\d+)")
+
+
+def luoctl_reboot(daemon: Luod, *args: str, wait: float | None = 20.0) -> tuple[int, int]:
+    """``luoctl reboot [--wait WAIT] ARGS``: must succeed; returns (old, new) generation.
+
+    The new generation must be the old one plus one. ``wait=None``: luoctl's
+    own default.
+    """
+    waiting = [] if wait is None else ["--wait", str(wait)]
+    result = luoctl(daemon.socket, "reboot", *waiting, *args)
+    assert result.returncode == 0, (
+        f"luoctl reboot rc={result.returncode}\nstdout: {result.stdout}\n"
+        f"stderr: {result.stderr}\nluod log:\n{daemon.log_text()[-4000:]}"
+    )
+    match = _REBOOTED.search(result.stdout)
+    assert match, result.stdout
+    old, new = int(match.group(1)), int(match.group(2))
+    assert new == old + 1, result.stdout
+    return old, new
+
+
+# -- luod's events ------------------------------------------------------------------------
+
+
+class Logged(Protocol):
+    """Anything with luod's log file: :class:`Luod`, or a test's own wrapper of it."""
+
+    log: Path
+
+
+def events(
+    daemon: Logged | Path, name: str | None = None, **fields: object
+) -> list[dict[str, Any]]:
+    """The JSON events of ``daemon``'s log (or of a log file), oldest first.
+
+    Only the events called ``name``, when given, and only those whose fields
+    equal ``fields``. Lines that are not JSON objects (a traceback, luod's
+    ``luod: ...`` startup error) are skipped. The log must be written with
+    ``--log-format json``, :class:`Luod`'s default.
+    """
+    path = daemon if isinstance(daemon, Path) else daemon.log
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line luod is still writing
+        if name is not None and obj.get("event") != name:
+            continue
+        if all(obj.get(k) == v for k, v in fields.items()):
+            found.append(obj)
+    return found
+
+
+def event_names(daemon: Logged | Path) -> list[str]:
+    """The names of ``daemon``'s events, oldest first."""
+    return [e["event"] for e in events(daemon)]
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    what: str = "",
+    timeout: float = 10.0,
+    daemon: Luod | None = None,
+) -> None:
+    """Poll ``predicate`` until it holds; fail the test, saying ``what``, after ``timeout``.
+
+    ``daemon``: show the end of its log in the failure.
+    """
+    if wait_until(predicate, timeout):
+        return
+    log = f"\nluod log:\n{daemon.log_text()[-4000:]}" if daemon is not None else ""
+    raise AssertionError(f"timed out waiting for {what or predicate}{log}")
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def memfd(data: bytes = b"", name: str = "luodtest") -> int:
+    """A new close-on-exec memfd holding ``data``."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    if data:
+        os.write(fd, data)
+    return fd
+
+
+def read_all(fd: int) -> bytes:
+    """The whole content of the regular file ``fd``, without moving its position."""
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+# -- a running daemon ---------------------------------------------------------------------
+
+
+def preserved_session(daemon: Luod, name: str, data: bytes, token: int = 1) -> liveupdate.Session:
+    """A new outgoing session ``name`` holding one memfd with ``data`` under ``token``.
+
+    The test's own fd to the memfd is closed: luod's is the only reference.
+    """
+    with daemon.open() as dev:
+        session = dev.create_session(name)
+    fd = memfd(data)
+    try:
+        session.preserve(fd, token)
+    finally:
+        os.close(fd)
+    return session
+
+
+def assert_retrieves(session: liveupdate.Session, token: int, data: bytes) -> None:
+    """RETRIEVE_FD of ``token`` gives a file holding exactly ``data``."""
+    fd = session.retrieve(token)
+    try:
+        assert read_all(fd) == data
+    finally:
+        os.close(fd)
+
+
+def state(daemon: Luod) -> liveupdate.StateInfo:
+    """GET_STATE through a fresh device connection."""
+    with daemon.open() as dev:
+        return dev.get_state()
+
+
+def sessions(daemon: Luod) -> list[tuple[str, str]]:
+    """Every session luod holds, as sorted (name, ``outgoing``/``incoming``) pairs."""
+    with daemon.open() as dev:
+        listing = dev.list_sessions()
+    return sorted((s.name, s.direction.name.lower()) for s in listing.sessions)
+
+
+def fds_settle(daemon: Luod, baseline: int, timeout: float = 5.0) -> None:
+    """The daemon's fd count comes back to ``baseline`` (closes are asynchronous)."""
+    if wait_until(lambda: daemon.fd_count() == baseline, timeout):
+        return
+    fds = {
+        f: os.readlink(f"/proc/{daemon.pid}/fd/{f}") for f in os.listdir(f"/proc/{daemon.pid}/fd")
+    }
+    raise AssertionError(f"luod holds {daemon.fd_count()} fds, baseline {baseline}: {fds}")
+
+
+def raw_send(
+    session: liveupdate.Session, cmd: int, arg: bytes, fds: list[int] | None = None
+) -> None:
+    """Send one request on ``session``'s fd without reading the reply."""
+    sock = socketlib.socket(fileno=os.dup(session.fileno()))
+    try:
+        wire.send_message(sock, wire.encode_request(cmd, arg), fds or [])
+    finally:
+        sock.close()
+
+
+def can_connect(path: str) -> bool:
+    """Whether a SOCK_SEQPACKET connect to ``path`` succeeds now."""
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from liveupdate.cli.luoctl import main as luoctl_main
 from liveupdate.handover_abi import FileRecord, HandoverImage, SessionRecord
 from liveupdate.handover_codec import encode_image
 from liveupdate.server import luod as luod_module
-from luodtest import Luod
+from luodtest import Luod, can_connect, event_names, events, memfd, wait_for
 
 pytestmark = pytest.mark.luod_only
 
@@ -66,33 +65,8 @@ def luoctl(sock: str, *args: str) -> Any:
     return CliRunner().invoke(luoctl_main, ["--socket", sock, *args])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def can_connect(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 def state_file(daemon: Luod) -> str:
     return (daemon.state_dir / "state").read_text().strip()
-
-
-def memfd(data: bytes) -> int:
-    fd = os.memfd_create("cli-test", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
 
 
 @pytest.fixture
@@ -166,7 +140,7 @@ def test_state_dir_and_state_file_options(
 def _start_json(luod_factory: Callable[..., Luod]) -> Luod:
     daemon = luod_factory("--log-format", "json", start=False)
     daemon.start(wait=False)
-    wait_for(lambda: '"started"' in daemon.log_text() and can_connect(daemon.socket), what="luod")
+    wait_for(lambda: bool(events(daemon, "started")) and can_connect(daemon.socket), "luod", 20)
     with daemon.open() as dev:
         dev.get_state()
     assert daemon.stop() == 0
@@ -208,15 +182,35 @@ def test_json_log_pid_is_the_daemons(luod_factory: Callable[..., Luod]) -> None:
         assert obj["pid"] == daemon.pid, obj
 
 
+def test_human_log_is_one_line_per_event_with_its_fields(
+    luod_factory: Callable[..., Luod],
+) -> None:
+    """``--log-format human`` (the default) writes ``stamp luod[pid] LEVEL event k=v ...``.
+
+    The rest of the suite runs luod with JSON logs and reads events; this is
+    the one test of the human format's text.
+    """
+    daemon = luod_factory("--log-format", "human")
+    assert daemon.stop() == 0
+    lines = daemon.log_text().splitlines()
+    started = next(line for line in lines if " started " in line)
+    stamp, who, level, name, *fields = started.split(" ")
+    assert stamp.endswith("Z") and "T" in stamp, started
+    assert (who, level, name) == (f"luod[{daemon.pid}]", "INFO", "started"), started
+    assert f"version={luod_module.__version__}" in fields, started
+    assert "generation=1" in fields, started
+    assert lines[-1].endswith(" stopped"), lines[-1]
+    assert not any(line.startswith("{") for line in lines), lines
+
+
 def test_sigterm_stops_cleanly(luod: Luod, stack: contextlib.ExitStack) -> None:
     with luod.open() as dev:
         session = stack.enter_context(dev.create_session("held"))
     session.preserve(stack.enter_context(os.fdopen(memfd(b"x"), "rb")), 1)
     assert luod.stop(signal.SIGTERM) == 0
     assert not os.path.lexists(luod.socket)
-    log = luod.log_text()
-    assert "signal signal=SIGTERM" in log
-    assert log.rstrip().endswith("stopped")
+    assert events(luod, "signal", signal="SIGTERM")
+    assert event_names(luod)[-1] == "stopped"
 
 
 def test_sd_notify_ready_stopping_and_reboot(
@@ -240,7 +234,15 @@ def test_sd_notify_ready_stopping_and_reboot(
         session.preserve(stack.enter_context(os.fdopen(memfd(b"x"), "rb")), 1)
         dev.set_event(liveupdate.uapi.LuodEvent.REBOOT)
     assert next_message() == ["STATUS=live update in progress"]
-    assert next_message() == ["READY=1", "STATUS=serving generation 2"]
+    # The main pid moves to the successor: the old generation says so (enough
+    # for NotifyAccess=main), and so does the successor with its READY
+    # (NotifyAccess=all); the two datagrams may arrive in either order.
+    messages = sorted([next_message(), next_message()], key=len)
+    successor = daemon.pid
+    assert messages == [
+        [f"MAINPID={successor}"],
+        [f"MAINPID={successor}", "READY=1", "STATUS=serving generation 2"],
+    ]
     with daemon.open() as dev:
         assert dev.get_state().generation == 2
 
@@ -261,7 +263,7 @@ def test_nofile_soft_limit_is_raised_to_hard(luod_factory: Callable[..., Luod]) 
     limits = Path(f"/proc/{daemon.pid}/limits").read_text()
     line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)]
-    assert f"nofile={hard} " in daemon.log_text()
+    assert events(daemon, "started", nofile=hard)
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_default_socket_of_an_unprivileged_user(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: can_connect(str(sock)) or proc.poll() is not None, what="luod")
+        wait_for(lambda: can_connect(str(sock)) or proc.poll() is not None, "luod", 20)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         st = os.stat(sock)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o600)
@@ -481,7 +483,7 @@ def test_luoctl_reboot_no_exec_prints_generations(luod: Luod, stack: contextlib.
     data = json.loads(result.stdout)
     assert (data["old_generation"], data["new_generation"], data["state"]) == (2, 3, "normal")
     assert luod.pid == pid and luod.alive()
-    assert "exec=False" in luod.log_text()
+    assert [e["exec"] for e in events(luod, "reboot-complete")] == [False, False]
 
 
 def test_luoctl_finish_after_reboot(luod: Luod, stack: contextlib.ExitStack) -> None:

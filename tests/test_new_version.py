@@ -36,7 +36,7 @@ import pytest
 
 import liveupdate
 from liveupdate.server import luod as luod_module
-from luodtest import Luod
+from luodtest import Luod, events
 
 pytestmark = pytest.mark.luod_only
 
@@ -149,7 +149,7 @@ def test_reboot_into_a_new_version(luod_factory: Callable[..., Luod], tmp_path: 
     assert Path(where).is_relative_to(venv)
 
     daemon = luod_factory("--exec", str(new_luod))
-    assert f"started version={old_version} " in daemon.log_text()
+    assert events(daemon, "started", version=old_version)
     payload = {
         ("vm-memory", 0x1A): os.urandom(4096),
         ("vm-memory", 2**64 - 1): b"last token",
@@ -177,11 +177,11 @@ def test_reboot_into_a_new_version(luod_factory: Callable[..., Luod], tmp_path: 
             check=False,
         )
         assert result.returncode == 0, result.stderr + daemon.log_text()
-        log = daemon.log_text()
-        assert f'exec argv="{new_luod} ' in log  # the value is quoted (it has spaces)
-        assert f"started version={NEW_VERSION} " in log
-        assert "restored=True" in log
-        assert daemon.alive()  # the same process, now running the new code
+        # The next generation is the successor luod started: the new code.
+        (execd,) = events(daemon, "successor-started")
+        assert execd["argv"].startswith(f"{new_luod} "), execd
+        assert events(daemon, "started", version=NEW_VERSION, restored=True)
+        assert daemon.alive()
 
         # Data written by the holder after the update reaches the same memory.
         os.pwrite(ours["cache", 0], b"CACHE", 0)

@@ -36,7 +36,7 @@ import pytest
 
 import liveupdate
 from liveupdate import uapi
-from luodtest import REPO, Luod
+from luodtest import REPO, Luod, luoctl_reboot
 
 SETPRIV = shutil.which("setpriv")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -250,21 +250,6 @@ def owners(listing: dict[str, Any]) -> dict[str, tuple[int, str]]:
     return {s["name"]: (s["uid"], s["direction"]) for s in listing["sessions"]}
 
 
-def luoctl_reboot(daemon: Luod) -> None:
-    result = subprocess.run(
-        [*LUOCTL, "--socket", daemon.socket, "reboot"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
-        check=False,
-    )
-    assert result.returncode == 0, (
-        f"luoctl reboot rc={result.returncode}\n{result.stdout}\n{result.stderr}\n"
-        f"{daemon.log_text()[-4000:]}"
-    )
-
-
 # -- the scenarios --------------------------------------------------------------------------
 
 
@@ -347,7 +332,7 @@ def test_owner_survives_a_luod_reboot(daemon: Luod, agents: Callable[[int], Agen
     a.ok("update", name="a-upd")  # waits for its successor across the reboot
     b.ok("create", name="b-held", data="B's", token=3)
 
-    luoctl_reboot(daemon)
+    luoctl_reboot(daemon, wait=None)
 
     listing = root_listing(daemon)
     assert listing["generation"] == 2

@@ -18,14 +18,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import liveupdate
 from liveupdate import uapi
-from luodtest import REPO, Luod, luoctl
+from luodtest import (
+    REPO,
+    Luod,
+    assert_retrieves,
+    luoctl,
+    luoctl_reboot,
+    preserved_session,
+    wait_for,
+)
 
 pytestmark = pytest.mark.luod_only
 
@@ -55,7 +62,9 @@ class Service:
                 env={**os.environ, "ECHO_PORT_FILE": str(self.port_file)},
                 start_new_session=True,
             )  # fmt: skip
-        wait_for(self.port_file.exists, f"the service did not start:\n{self.log.read_text()}")
+        wait_for(
+            self.port_file.exists, f"the service did not start:\n{self.log.read_text()}", timeout=30
+        )
 
     @property
     def port(self) -> int:
@@ -83,14 +92,6 @@ class Service:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill_all()
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(what)
-        time.sleep(0.02)
 
 
 class Talker(threading.Thread):
@@ -169,22 +170,34 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
     talker.start()
     connector.start()
     try:
-        wait_for(lambda: len(talker.received) > 20, "no echo before the update")
+        wait_for(lambda: len(talker.received) > 20, "no echo before the update", timeout=30)
 
         # 1. A live update of the service.
         first = service.service_pid()
         result = luoctl(luod.socket, "update", "echo")
         assert result.returncode == 0, result.stderr
-        wait_for(lambda: service.service_pid() != first, "the service was not restarted")
+        wait_for(
+            lambda: service.service_pid() != first, "the service was not restarted", timeout=30
+        )
         mark = talker.sent
-        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after update")
+        wait_for(
+            lambda: talker.received and talker.received[-1] > mark,
+            "no echo after update",
+            timeout=30,
+        )
 
         # 2. The service crashes: the supervisor hands its state to a new one.
         second = service.service_pid()
         os.kill(second, signal.SIGKILL)
-        wait_for(lambda: service.service_pid() != second, "the service was not restarted")
+        wait_for(
+            lambda: service.service_pid() != second, "the service was not restarted", timeout=30
+        )
         mark = talker.sent
-        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after crash")
+        wait_for(
+            lambda: talker.received and talker.received[-1] > mark,
+            "no echo after crash",
+            timeout=30,
+        )
 
         # 3. The supervisor and the service die together: keep-on-close keeps
         # the session; a new `luoctl run` takes it over.
@@ -197,7 +210,11 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
         service.start()
         assert service.port == port
         mark = talker.sent
-        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after restart")
+        wait_for(
+            lambda: talker.received and talker.received[-1] > mark,
+            "no echo after restart",
+            timeout=30,
+        )
 
         # 4. luod itself is live-updated: the supervisor sees its session fds
         # die, re-acquires the sessions from the new generation, restarts the
@@ -205,9 +222,13 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
         before = service.service_pid()
         result = luoctl(luod.socket, "reboot")
         assert result.returncode == 0, result.stderr
-        wait_for(lambda: service.service_pid() != before, "no restart after the reboot")
+        wait_for(lambda: service.service_pid() != before, "no restart after the reboot", timeout=30)
         mark = talker.sent
-        wait_for(lambda: talker.received and talker.received[-1] > mark, "no echo after reboot")
+        wait_for(
+            lambda: talker.received and talker.received[-1] > mark,
+            "no echo after reboot",
+            timeout=30,
+        )
     finally:
         talker.stop_flag.set()
         connector.stop_flag.set()
@@ -220,3 +241,33 @@ def test_echo_service_survives_update_and_crashes(luod: Luod, tmp_path: Path) ->
     assert len(talker.received) >= talker.sent - 1
     assert connector.refused == 0
     assert connector.ok > 0
+
+
+def test_luoctl_run_refuses_a_held_session_without_finishing_the_incoming_one(
+    luod: Luod,
+) -> None:
+    """``luoctl run`` when another process holds the outgoing session: refused, nothing lost.
+
+    Broke once (review finding L1): ``luoctl run`` retrieved and finished the
+    incoming session before finding the outgoing name taken, so the
+    service's state was gone.
+    """
+    previous = preserved_session(luod, "svc", b"service-state")
+    luoctl_reboot(luod)
+    previous.close()
+    with luod.open() as dev:
+        intruder = dev.create_session("svc")  # another process's outgoing "svc"
+
+    result = luoctl(luod.socket, "run", "--session", "svc", "--", "true", timeout=30)
+    assert result.returncode != 0, result
+    # luoctl's one-line error: user interface, not a log.
+    message = result.stdout + result.stderr
+    assert "session 'svc' is held by another process" in message, message
+
+    # Nothing was retrieved, so nothing was finished: the state is still there.
+    intruder.close()
+    with luod.open() as dev:
+        incoming = dev.retrieve_session("svc")
+    with incoming:
+        assert_retrieves(incoming, 1, b"service-state")
+        incoming.finish()

@@ -414,3 +414,25 @@ def test_close_fds_tolerates_closed_fds(tmpfile: int) -> None:
         with pytest.raises(OSError):
             os.fstat(fd)
     wire.close_fds([])
+
+
+def test_a_reused_buffer_returns_each_message_as_its_own_copy(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    buffer = bytearray(64)
+    wire.send_message(a, b"first message")
+    wire.send_message(a, b"two")
+    first = wire.recv_message(b, 64, buffer=buffer)
+    second = wire.recv_message(b, 64, buffer=buffer)
+    # The second receive overwrote the buffer, not the first message's data.
+    assert (first.data, second.data) == (b"first message", b"two")
+    assert isinstance(first.data, bytes)
+
+
+def test_a_buffer_of_another_size_is_refused(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    wire.send_message(a, b"kept")
+    with pytest.raises(ValueError, match="16 bytes given for 64"):
+        wire.recv_message(b, 64, buffer=bytearray(16))
+    assert wire.recv_message(b, 64).data == b"kept"  # nothing was read

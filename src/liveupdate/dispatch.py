@@ -21,7 +21,7 @@ import errno
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from liveupdate import uapi
 
@@ -45,9 +45,10 @@ class IoctlOp(Generic[Ctx]):
     handler: Handler[Ctx]
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """The outcome of one call.
+
+    A named tuple rather than a frozen dataclass: one is made per call.
 
     Attributes:
         ret: 0 or a negative errno, as a kernel ioctl handler returns it.
@@ -66,6 +67,18 @@ class Reply:
         return cls(-err)
 
 
+class _Entry(NamedTuple, Generic[Ctx]):
+    """What :func:`dispatch` needs of one table entry, computed once per table
+    (``IoctlInfo.min_size`` and ``sizeof`` are computed on every access)."""
+
+    op: IoctlOp[Ctx]
+    handler: Handler[Ctx]
+    struct: type[ctypes.Structure]
+    direction: uapi.SessionDirection | None
+    min_size: int
+    sizeof: int
+
+
 class DispatchTable(Generic[Ctx]):
     """The ioctl table of one kind of fd, indexed by nr like fwctl's."""
 
@@ -79,6 +92,14 @@ class DispatchTable(Generic[Ctx]):
             if nr in self._ops:
                 raise ValueError(f"two entries for nr {nr:#x}")
             self._ops[nr] = op
+        # Keyed by the full number: a hit has the LUO type byte, a known nr
+        # and no direction or size bits, all in one dictionary lookup.
+        self._entries: dict[int, _Entry[Ctx]] = {
+            op.info.cmd: _Entry(
+                op, op.handler, op.info.struct, op.info.direction, op.info.min_size, op.info.sizeof
+            )
+            for op in self._ops.values()
+        }
 
     @property
     def ops(self) -> Mapping[int, IoctlOp[Ctx]]:
@@ -87,13 +108,8 @@ class DispatchTable(Generic[Ctx]):
 
     def lookup(self, cmd: int) -> IoctlOp[Ctx] | None:
         """The entry for ``cmd``, or ``None`` when the fd does not support it."""
-        if uapi._IOC_TYPE(cmd) != uapi.LIVEUPDATE_IOCTL_TYPE:
-            return None
-        op = self._ops.get(uapi._IOC_NR(cmd))
-        # The full number must match: this rejects direction and size bits.
-        if op is None or op.info.cmd != cmd:
-            return None
-        return op
+        entry = self._entries.get(cmd)
+        return None if entry is None else entry.op
 
 
 def dispatch(
@@ -110,30 +126,39 @@ def dispatch(
     is made on, ``None`` for the device. Handler exceptions other than
     :class:`OSError` propagate: they are bugs, not caller mistakes.
     """
-    op = table.lookup(cmd)
-    if op is None:
-        return Reply.error(errno.ENOTTY)
+    entry = table._entries.get(cmd)
+    if entry is None:
+        return _ENOTTY
+    _op, handler, struct_type, valid_on, least, known = entry
     if len(arg) < _SIZE.size:
-        return Reply.error(errno.EFAULT)
+        return _EFAULT
     (size,) = _SIZE.unpack_from(arg)
     if len(arg) < size:
-        return Reply.error(errno.EFAULT)
-    info = op.info
-    if info.direction is not None and direction is not None and direction != info.direction:
-        return Reply.error(errno.EINVAL)
-    if size < info.min_size:
-        return Reply.error(errno.EINVAL)
-    known = info.sizeof
-    if size > known and memoryview(arg)[known:size].tobytes().strip(b"\0"):
-        return Reply.error(errno.E2BIG)
-
-    # Zero-filled struct with the caller's bytes on top: an older, shorter
-    # struct reads its missing tail as zero.
-    obj = info.struct()
-    ncopy = min(size, known)
-    ctypes.memmove(ctypes.addressof(obj), bytes(memoryview(arg)[:ncopy]), ncopy)
+        return _EFAULT
+    if valid_on is not None and direction is not None and direction != valid_on:
+        return _EINVAL
+    if size < least:
+        return _EINVAL
+    if size > known:
+        tail = memoryview(arg)[known:size].tobytes()
+        if tail != bytes(len(tail)):
+            return _E2BIG
+        obj = struct_type.from_buffer_copy(arg)
+    elif size == known:
+        obj = struct_type.from_buffer_copy(arg)
+    else:
+        # Zero-filled struct with the caller's bytes on top: an older, shorter
+        # struct reads its missing tail as zero.
+        obj = struct_type.from_buffer_copy(bytes(memoryview(arg)[:size]) + bytes(known - size))
     try:
-        fd = op.handler(ctx, obj)
+        fd = handler(ctx, obj)
     except OSError as exc:
         return Reply.error(exc.errno or errno.EINVAL)
-    return Reply(0, ctypes.string_at(ctypes.addressof(obj), ncopy), fd)
+    out = bytes(obj)
+    return Reply(0, out if size >= known else out[:size], fd)
+
+
+_ENOTTY = Reply.error(errno.ENOTTY)
+_EFAULT = Reply.error(errno.EFAULT)
+_EINVAL = Reply.error(errno.EINVAL)
+_E2BIG = Reply.error(errno.E2BIG)

@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,13 +155,6 @@ SERVICE = textwrap.dedent(
     os.rename(marker + ".tmp", marker)
     """
 )
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def test_the_supervisor_survives_a_service_killed_mid_request(luod: Luod, tmp_path: Path) -> None:

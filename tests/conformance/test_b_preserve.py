@@ -40,7 +40,7 @@ from _env import (
 
 import liveupdate
 from liveupdate import uapi, wire
-from luodtest import Luod
+from luodtest import Luod, wait_until
 
 OpenDev = Callable[..., liveupdate.Device]
 Names = Callable[[str], str]
@@ -64,16 +64,6 @@ def preserve(session: liveupdate.Session, fd: int, token: int) -> int:
     # The 16-byte struct comes back unchanged.
     assert arg == struct_buffer(uapi.PRESERVE_FD, fd=fd, token=token)
     return ret
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``pred``: the daemon handles closes asynchronously."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @contextlib.contextmanager

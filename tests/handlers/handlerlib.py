@@ -14,7 +14,6 @@ import select
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any, Protocol
 import liveupdate
 from liveupdate.core.handlers import describe_data
 from liveupdate.handover_codec import decode_image
+from luodtest import REPO, events
+from luodtest import luoctl as run_luoctl
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN = REPO / "examples" / "handler-plugin"
-LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 TIMEOUT = 10.0
 
 
@@ -35,6 +34,7 @@ class Daemon(Protocol):
 
     socket: str
     state_dir: Path
+    log: Path
 
     @property
     def pid(self) -> int: ...
@@ -50,14 +50,7 @@ def luoctl(
     daemon: Daemon, *args: str, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``luoctl --socket S ARGS`` as a command; fails the test when it fails and ``check``."""
-    proc = subprocess.run(
-        [*LUOCTL, "--socket", daemon.socket, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env=env,
-    )
+    proc = run_luoctl(daemon.socket, *args, timeout=180, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"luoctl {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}\n"
@@ -130,13 +123,13 @@ class LiveSession:
                 obj.close()
 
     def reboot(self) -> dict[str, Any]:
-        """``luoctl reboot``: the same luod process re-executes into the next generation."""
+        """``luoctl reboot``: the successor luod serves the next generation."""
         pid = self.daemon.pid
         result: dict[str, Any] = json.loads(luoctl(self.daemon, "--json", "reboot").stdout)
         assert result["new_generation"] == result["old_generation"] + 1
-        assert self.daemon.alive() and self.daemon.pid == pid
-        log = self.daemon.log_text()
-        assert "exec-failed" not in log and "restore-failed" not in log, log[-4000:]
+        assert self.daemon.alive() and self.daemon.pid != pid  # the handed-over fds
+        failed = events(self.daemon, "exec-failed") + events(self.daemon, "restore-failed")
+        assert not failed, self.daemon.log_text()[-4000:]
         with self.daemon.open() as dev:
             self.incoming = dev.retrieve_session(self.name)
         return result

@@ -38,6 +38,7 @@ from liveupdate.core.handlers import (
     describe_data,
     load_plugins,
 )
+from luodtest import events
 
 BUILTINS = ["memfd-v1", "socket-v1", "pipe-v1", "eventfd-v1", "file-v1", "pty-v1", "pidfd-v1"]
 
@@ -60,7 +61,8 @@ def test_plugin_handler_preserves_timerfds_across_a_reboot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     daemon = luod_factory(env={"PYTHONPATH": str(plugin_site)})
-    assert "timerfd-v1" in daemon.log_text()  # the loader says what it added
+    # The loader says what it added.
+    assert events(daemon, "handler-plugin-loaded", compatible="timerfd-v1")
     live = live_factory(daemon)
     live.preserve(timerfd(20_000_000), 0x7F)
 
@@ -116,7 +118,7 @@ def test_preflight_fails_when_the_next_luod_lacks_the_plugin(
     assert after["generation"] == before["generation"]
     assert after["preserved_files"] == 2 and after["outgoing_sessions"] == 1
     assert "timerfd-v1" in after["last_error"]
-    assert "preflight-failed" in daemon.log_text()
+    assert events(daemon, "preflight-failed")
     # Everything is still held: the session answers, luod keeps both files.
     assert live.outgoing.get_name() == b"handler-test"
     links = _held_links(daemon.pid)
@@ -210,12 +212,14 @@ def test_plugins_load_in_name_order_and_broken_ones_are_skipped(
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="liveupdate.handlers"):
+    with caplog.at_level(logging.INFO, logger="liveupdate"):
         registry = default_registry()
     # Built-ins first, then plugins by entry-point name: a-class (aaa-v1) before
     # b-first (zzz-v1); c-factory and d-instance repeat a compatible and are skipped.
     assert registry.compatibles == [*BUILTINS, "aaa-v1", "zzz-v1"]
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    skipped = [r for r in caplog.records if r.getMessage() == "handler-plugin-skipped"]
+    assert all(r.levelno == logging.ERROR for r in skipped)
+    errors = [r.fields["entry_point"] for r in skipped]
     for name in (
         "c-factory",
         "d-instance",
@@ -227,9 +231,13 @@ def test_plugins_load_in_name_order_and_broken_ones_are_skipped(
         "j-explodes",
         "k-plain-class",
     ):
-        assert sum(name in message for message in errors) == 1, (name, errors)
-    assert any("plugin bug" in message for message in errors)
-    assert all(r.name == "liveupdate.handlers" for r in caplog.records)
+        assert errors.count(name) == 1, (name, errors)
+    assert any("plugin bug" in r.fields["error"] for r in skipped)
+    loaded = [r.fields for r in caplog.records if r.getMessage() == "handler-plugin-loaded"]
+    assert [(f["entry_point"], f["compatible"]) for f in loaded] == [
+        ("a-class", "aaa-v1"),
+        ("b-first", "zzz-v1"),
+    ]
 
 
 def test_plugin_factories_and_instances_are_accepted(

@@ -28,7 +28,6 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -44,7 +43,7 @@ from liveupdate.core.session import Session
 from liveupdate.core.session_ops import SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, dispatch
-from luodtest import Luod
+from luodtest import Luod, wait_until
 
 #: Every errno the contract allows in a reply (uapi.md, "The errno contract").
 CONTRACT = frozenset(
@@ -431,15 +430,6 @@ def is_session_fd(fd: int) -> bool:
         sock.close()
 
 
-def _wait_until(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _finish_everything(daemon: Luod) -> None:
     """FINISH every incoming session the storm handed over (EINVAL: there was none)."""
     with daemon.open(timeout=30) as dev:
@@ -483,7 +473,7 @@ def test_luod_survives_random_frames_without_leaking(luod: Luod) -> None:
     assert luod.alive(), f"luod died (seed {seed})"
 
     _finish_everything(luod)
-    settled = _wait_until(lambda: luod.fd_count() == baseline_fds)
+    settled = wait_until(lambda: luod.fd_count() == baseline_fds, timeout=20)
     assert settled, f"luod holds {luod.fd_count()} fds, {baseline_fds} before (seed {seed})"
     rss_end = _rss(luod.pid)
     print(f"fuzz: luod rss {rss_start >> 20} MiB after warm-up, {rss_end >> 20} MiB at the end")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import pytest
 
 import liveupdate
 from liveupdate.server.census import inodes_in_queues, unix_peer_inode
-from luodtest import Luod, luoctl
+from luodtest import Luod, events, luoctl, memfd, wait_for
 
 pytestmark = pytest.mark.luod_only
 
@@ -71,11 +70,17 @@ def park(daemon: Luod, *names: str, device: bool = True) -> int:
 
 
 def poll(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(_TRIES):
-        if predicate():
-            return
-        time.sleep(_POLL)
-    raise AssertionError(f"gave up waiting for {what}")
+    wait_for(predicate, what, timeout=_TRIES * _POLL)
+
+
+def broken(daemon: Luod, kind: str, **fields: object) -> list[dict[str, object]]:
+    """The ``hold-broken`` events of ``kind`` endpoints (with ``fields``)."""
+    return events(daemon, "hold-broken", kind=kind, **fields)
+
+
+def holders(daemon: Luod, kind: str, **fields: object) -> list[list[str]]:
+    """The ``holders`` of each ``hold`` event (SIGUSR1 report) of ``kind`` endpoints."""
+    return [str(e["holders"]).split(",") for e in events(daemon, "hold", kind=kind, **fields)]
 
 
 def open_when_free(daemon: Luod) -> liveupdate.Device:
@@ -103,12 +108,6 @@ def session_names(daemon: Luod) -> list[str]:
         return sorted(s.name for s in dev.list_sessions().sessions)
 
 
-def memfd(data: bytes) -> int:
-    fd = os.memfd_create("ghost-holds")
-    os.write(fd, data)
-    return fd
-
-
 def test_a_device_fd_parked_in_a_preserved_socket_does_not_keep_the_device_busy(
     luod_factory: Callable[..., Luod],
 ) -> None:
@@ -129,10 +128,10 @@ def test_a_device_fd_parked_in_a_preserved_socket_does_not_keep_the_device_busy(
         # The parked session is a ghost too: bystander + parked are the
         # limit (2), so creating another makes luod look, and release it.
         extra = create_when_possible(dev, "extra")
-        assert daemon.log_text().count("hold-broken kind=device") == 1
-        assert re.search(r"hold-broken kind=session .*session=parked", daemon.log_text())
+        assert len(broken(daemon, "device")) == 1
+        assert broken(daemon, "session", session="parked")
         extra.close()
-    assert "session-released session=parked " in daemon.log_text()
+    assert events(daemon, "session-released", session="parked")
     poll(lambda: session_names(daemon) == ["bystander"], "only the bystander to remain")
 
     # Nobody else lost anything: the bystander's file crosses a live update.
@@ -160,10 +159,9 @@ def test_parked_session_fds_do_not_exhaust_the_session_limit(
         # Each refusal makes luod look; the ghosts go once proven so.
         first = create_when_possible(dev, "after-1")
         second = create_when_possible(dev, "after-2")
-    log = daemon.log_text()
     for name in ("ghost-1", "ghost-2"):
-        assert re.search(rf"hold-broken kind=session .*session={name}\b", log), log[-3000:]
-    assert "session=live" not in "".join(line for line in log.splitlines() if "hold-broken" in line)
+        assert broken(daemon, "session", session=name), daemon.log_text()[-3000:]
+    assert not events(daemon, "hold-broken", session="live")
     assert keep.get_name() == b"live"  # the live client's session works on
     for session in (keep, first, second):
         session.close()
@@ -177,19 +175,13 @@ def test_sigusr1_lists_holds_and_breaks_a_parked_device(
         held = dev.create_session("held-by-me")
     attacker = park(daemon, "parked")
     daemon.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
-    poll(lambda: "holds-reported" in daemon.log_text(), "the holds report")
-    log = daemon.log_text()
-    assert re.search(rf"hold kind=session .*session=held-by-me holders={os.getpid()}\b", log)
-    assert re.search(r"hold kind=device .*holders=in-flight", log), log[-3000:]
+    poll(lambda: bool(events(daemon, "holds-reported")), "the holds report")
+    assert any(str(os.getpid()) in h for h in holders(daemon, "session", session="held-by-me"))
+    assert ["in-flight"] in holders(daemon, "device"), daemon.log_text()[-3000:]
     # A grace period later luod looks again by itself, and breaks both ghosts.
-    poll(lambda: "hold-broken kind=device" in daemon.log_text(), "the device to be freed")
-    poll(
-        lambda: (
-            re.search(r"hold-broken kind=session .*session=parked", daemon.log_text()) is not None
-        ),
-        "the parked session to be released",
-    )
-    assert f"peer_pid={attacker}" in daemon.log_text()
+    poll(lambda: bool(broken(daemon, "device")), "the device to be freed")
+    poll(lambda: bool(broken(daemon, "session", session="parked")), "the parked session")
+    assert events(daemon, "hold-broken", peer_pid=attacker)
     with daemon.open(timeout=0) as dev:  # free at the first try
         assert [s.name for s in dev.list_sessions().sessions] == ["held-by-me"]
     assert held.get_name() == b"held-by-me"
@@ -238,12 +230,11 @@ def test_a_device_fd_passed_to_a_live_process_is_never_broken(luod: Luod) -> Non
                 time.sleep(_POLL)
             luod.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
             poll(
-                lambda n=round_: luod.log_text().count("holds-reported") > n,
+                lambda n=round_: len(events(luod, "holds-reported")) > n,
                 "the holds report",
             )
-        log = luod.log_text()
-        assert re.search(rf"hold kind=device .*holders={holder.pid}\b", log), log[-3000:]
-        assert "hold-broken" not in log
+        assert any(str(holder.pid) in h for h in holders(luod, "device")), luod.log_text()
+        assert not events(luod, "hold-broken")
         ours.send(b"go")
         assert holder.stdout.readline().strip() == "NORMAL"
         assert holder.wait(timeout=30) == 0
@@ -293,7 +284,7 @@ def test_a_session_fd_waiting_for_a_live_receiver_is_never_released(
                     dev.create_session("another")
                 assert exc.value.errno == errno.ENOMEM
                 time.sleep(_POLL)
-        assert "hold-broken" not in daemon.log_text()
+        assert not events(daemon, "hold-broken")
         assert receiver.stdin is not None
         receiver.stdin.write("go\n")
         receiver.stdin.flush()

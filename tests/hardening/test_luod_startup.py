@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from luodtest import LUOCTL, Luod
+from luodtest import LUOCTL, Luod, event_names, events
 
 pytestmark = pytest.mark.luod_only
 
@@ -99,14 +99,15 @@ def test_a_socket_mode_open_to_others_is_accepted_with_a_warning(
 ) -> None:
     daemon = luod_factory("--socket-mode", mode)
     assert os.stat(daemon.socket).st_mode & 0o777 == int(mode, 8)
-    warned = [line for line in daemon.log_text().splitlines() if warning in line]
-    assert warned and who in warned[0], daemon.log_text()
+    (warned,) = events(daemon, warning)
+    assert warned["level"] == "warning" and warned["mode"] == mode, warned
+    assert who in warned["consequence"], warned
     with daemon.open() as dev:
         dev.get_state()
 
 
 def test_a_private_socket_mode_gives_no_warning(luod: Luod) -> None:
-    assert "socket-open-to" not in luod.log_text()
+    assert not {"socket-open-to-everyone", "socket-open-to-group"} & set(event_names(luod))
 
 
 @pytest.mark.parametrize(

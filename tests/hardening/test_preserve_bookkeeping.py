@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 import liveupdate
-from luodtest import Luod, luoctl
+from luodtest import Luod, luoctl_reboot
 
 pytestmark = pytest.mark.luod_only
 
@@ -33,8 +33,7 @@ def memfd() -> Iterator[int]:
 
 
 def reboot(luod: Luod) -> None:
-    result = luoctl(luod.socket, "reboot", "--wait", "30")
-    assert result.returncode == 0, (result.stdout, result.stderr, luod.log_text()[-3000:])
+    luoctl_reboot(luod, wait=30)
 
 
 def create(luod: Luod, name: str) -> liveupdate.Session:

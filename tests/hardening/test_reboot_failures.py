@@ -19,15 +19,14 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import liveupdate
 from liveupdate import uapi
-from luodtest import Luod, luoctl
+from luodtest import Luod, events, luoctl, wait_for
 
 pytestmark = pytest.mark.luod_only
 
@@ -131,7 +130,7 @@ def test_a_reboot_failing_on_a_full_disk_leaves_no_intent_and_no_temporary_file(
     again = start(tmp_path, tiny_fs, "--journal-interval", "0", name="again")
     try:
         assert state_info(again).lost_sessions == 0
-        assert "session-lost" not in again.log_text()
+        assert not events(again, "session-lost")
     finally:
         again.stop()
 
@@ -149,11 +148,8 @@ def test_a_preflight_on_a_full_disk_leaves_no_temporary_file(tmp_path: Path, tin
         daemon.stop()
 
 
-def _wait(predicate: object, what: str, daemon: Luod) -> None:
-    deadline = time.monotonic() + 20
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what}\n{daemon.log_text()}"
-        time.sleep(0.05)
+def _wait(predicate: Callable[[], bool], what: str, daemon: Luod) -> None:
+    wait_for(predicate, what, timeout=20, daemon=daemon)
 
 
 def test_an_unwritable_journal_is_reported_by_state_and_by_the_next_loss_report(
@@ -170,7 +166,7 @@ def test_an_unwritable_journal_is_reported_by_state_and_by_the_next_loss_report(
     assert "journal error" in shown.stdout and "ENOSPC" in shown.stdout, shown.stdout
     as_json = json.loads(luoctl(daemon.socket, "--json", "state").stdout)
     assert as_json["journal_error"] == "ENOSPC"
-    assert "journal-failed" in daemon.log_text()
+    assert events(daemon, "journal-failed")
 
     daemon.stop(signal.SIGKILL)  # the journal still says one session: the other is unrecorded
     filler.unlink()
@@ -180,7 +176,7 @@ def test_an_unwritable_journal_is_reported_by_state_and_by_the_next_loss_report(
         assert info.lost_sessions == 1  # what the journal recorded
         assert info.lost_incomplete  # ... and that more may have been lost
         assert info.journal_error == 0
-        assert "lost-report-incomplete" in again.log_text()
+        assert events(again, "lost-report-incomplete")
         shown = luoctl(again.socket, "state")
         assert "lost incomplete" in shown.stdout, shown.stdout
         assert not (tiny_fs / "journal-stale").exists()

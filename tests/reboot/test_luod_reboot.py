@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import resource
 import signal
 import socket
@@ -38,13 +37,12 @@ import liveupdate
 from liveupdate import uapi, wire
 from liveupdate.handover_abi import UnknownVersionError
 from liveupdate.handover_codec import decode_image
-from luodtest import LUOCTL, Luod, luoctl
+from luodtest import LUOCTL, Luod, events, luoctl, luoctl_reboot
 
 pytestmark = pytest.mark.luod_only
 
 FAULT_ENV = "LUOD_FAULT_FILE"
 IMAGE_NAME = "handover.dtb"
-_REBOOTED = re.compile(r"generation (\d+) -> (\d+)")
 
 #: Scenarios that need exactly two generations, except the 2000 sessions of
 #: C3: the handover set of the C19/C20 tests, whose stage 2 runs after the
@@ -57,16 +55,7 @@ HANDOVER_SET = [s for s in SCENARIOS.values() if len(s.stages) == 2 and s.id != 
 
 def reboot(daemon: Luod, no_exec: bool = False) -> tuple[int, int]:
     """``luoctl reboot``: must return 0 once the next generation serves, saying so."""
-    result = luoctl(daemon.socket, "reboot", *(["--no-exec"] if no_exec else []))
-    assert result.returncode == 0, (
-        f"luoctl reboot rc={result.returncode}\nstdout: {result.stdout}\n"
-        f"stderr: {result.stderr}\nluod log:\n{daemon.log_text()[-4000:]}"
-    )
-    match = _REBOOTED.search(result.stdout)
-    assert match, f"luoctl reboot did not report the generations: {result.stdout!r}"
-    old, new = int(match.group(1)), int(match.group(2))
-    assert new == old + 1, result.stdout
-    return old, new
+    return luoctl_reboot(daemon, *(["--no-exec"] if no_exec else []), wait=None)
 
 
 #: Open errors while a generation ends and the next one starts: the old one
@@ -442,9 +431,10 @@ def _version_99(original: bytes) -> bytes:
 
 
 BROKEN_IMAGES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
-    # variant: (how the image is damaged, what luod's log must say about it)
-    "garbage": (lambda _b: b"this is no flattened device tree\n" * 8, "restore-failed"),
-    "truncated": (lambda b: b[: len(b) // 2], "restore-failed"),
+    # variant: (how the image is damaged, what the reason of luod's
+    # restore-failed event must name)
+    "garbage": (lambda _b: b"this is no flattened device tree\n" * 8, ""),
+    "truncated": (lambda b: b[: len(b) // 2], ""),
     "version-99": (_version_99, "version 99"),
 }
 
@@ -500,9 +490,10 @@ def test_c20_unusable_image_keeps_everything(
     variant: str,
     stopped_reboot: list[subprocess.Popen[str]],
 ) -> None:
-    damage, log_says = BROKEN_IMAGES[variant]
+    damage, reason_names = BROKEN_IMAGES[variant]
     faults = tmp_path / "faults"
-    faults.write_text("stop-at before-exec\n")
+    # Stopped with the image written, before the successor reads it.
+    faults.write_text("stop-at before-handoff\n")
     daemon = luod_factory(env={FAULT_ENV: str(faults)})
     observed: dict[str, Obs] = {}
     keep: dict[str, Keep] = {}
@@ -528,22 +519,25 @@ def test_c20_unusable_image_keeps_everything(
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, err
     assert "(EIO)" in err, err
-    close_kept(keep)  # the old generation's fds are dead anyway
 
-    # Every open fails EIO; nothing preserved was let go.
-    for _ in range(3):
-        assert rc(lambda: liveupdate.open_device(daemon.socket, timeout=1.0).close()) == "EIO"
+    # The successor could not restore: the reboot rolled back, the old
+    # generation serves on and nothing preserved was let go.
     assert daemon.alive()
-    assert daemon.fd_count() >= nfiles
-    assert _memfds_held(daemon.pid) >= nfiles
-    assert log_says in daemon.log_text()
-
-    # The fixed image: SIGHUP re-executes luod on it with the same fds.
-    image_path.write_bytes(original)
-    os.kill(daemon.pid, signal.SIGHUP)
-    info = wait_generation(daemon.socket, 2)
-    assert info.generation == 2
+    with liveupdate.open_device(daemon.socket, timeout=5.0) as dev:
+        info = dev.get_state()
+    assert info.generation == 1
     assert info.preserved_files == nfiles
+    assert "could not restore" in info.last_error
+    assert _memfds_held(daemon.pid) >= nfiles
+    failed = events(daemon, "restore-failed")
+    assert failed and all(reason_names in e["reason"] for e in failed), daemon.log_text()
+    assert not image_path.exists()
+
+    # The retry writes a fresh image and hands everything over.
+    reboot(daemon)
+    info = wait_generation(daemon.socket, 2)
+    assert info.preserved_files == nfiles
+    close_kept(keep)  # the old generation's session fds are dead now
     run_stage(2, daemon.socket, HANDOVER_SET, observed, keep)
     close_kept(keep)
     for scenario in HANDOVER_SET:

@@ -5,19 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from liveupdate import uapi, wire
-from luodtest import Luod
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from luodtest import Luod, wait_until
 
 
 def assert_fd_count_back(daemon: Luod, baseline: int, timeout: float = 10.0) -> None:

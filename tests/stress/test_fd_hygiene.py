@@ -30,7 +30,7 @@ from _stress_util import (
 )
 
 from liveupdate import uapi, wire
-from luodtest import Luod
+from luodtest import Luod, memfd
 
 pytestmark = pytest.mark.luod_only
 
@@ -38,13 +38,6 @@ WORKER = Path(__file__).resolve().parent / "_worker.py"
 CREATE = uapi.LIVEUPDATE_IOCTL_CREATE_SESSION
 PRESERVE = uapi.LIVEUPDATE_SESSION_PRESERVE_FD
 GET_NAME = uapi.LIVEUPDATE_SESSION_GET_NAME
-
-
-def _memfd(data: bytes = b"", name: str = "hygiene") -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    if data:
-        os.write(fd, data)
-    return fd
 
 
 def _worker(daemon: Luod, mode: str, wid: str) -> subprocess.Popen[str]:
@@ -62,7 +55,7 @@ def test_create_preserve_close_cycles(luod: Luod) -> None:
     with luod.open() as dev:
         for n in range(1000):
             with dev.create_session(f"cycle-{n}") as session:
-                fd = _memfd(b"cycle %d" % n)
+                fd = memfd(b"cycle %d" % n)
                 try:
                     session.preserve(fd, n)
                 finally:
@@ -111,7 +104,7 @@ def test_garbage_gets_one_error_reply_each_and_leaks_nothing(luod: Luod) -> None
 def test_zero_length_message_with_an_fd_is_a_close(luod: Luod) -> None:
     baseline = luod.fd_count()
     with Raw.device(luod.socket) as dev:
-        fd = _memfd()
+        fd = memfd()
         try:
             dev.send(b"", [fd])
         finally:
@@ -131,7 +124,7 @@ def test_clients_vanishing_mid_call(luod: Luod) -> None:
     with Raw.device(luod.socket) as dev:
         for n in range(50):
             session = dev.create_session(f"vanish-session-{n}")
-            fd = _memfd(b"gone")
+            fd = memfd(b"gone")
             session.send(wire.encode_request(PRESERVE, preserve_arg(fd, n)), [fd])
             os.close(fd)
             session.close()
@@ -156,7 +149,7 @@ def test_clients_vanishing_mid_call(luod: Luod) -> None:
 def test_stray_and_extra_fds_are_closed(luod: Luod) -> None:
     baseline = luod.fd_count()
     marker = f"stray-{os.getpid()}"
-    fds = [_memfd(b"stray", name=marker) for _ in range(8)]
+    fds = [memfd(b"stray", name=marker) for _ in range(8)]
     try:
         with Raw.device(luod.socket) as dev:
             # Fds attached to calls that take none are closed and ignored.

@@ -30,6 +30,9 @@ _FD_FIELD = struct.Struct("=i")
 _SIZE = struct.Struct("=I")
 _FD_OFFSET = 4
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
+# Plain ints: the socket module's constants are enum members.
+_AF_UNIX = int(socket.AF_UNIX)
+_SOCK_SEQPACKET = int(socket.SOCK_SEQPACKET)
 
 Buffer = bytearray | memoryview
 
@@ -141,10 +144,11 @@ class SocketTransport:
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
         view = _as_bytes_view(buf)
         info = uapi.IOCTLS.get(cmd)
-        what = _ioctl_name(cmd)
-        sock = socket.socket(fileno=fd)
+        # Family and type given: socket.socket(fileno=fd) alone asks the
+        # kernel for them (three getsockopt calls) on every call.
+        sock = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
         try:
-            return self._call(sock, cmd, view, info, what)
+            return self._call(sock, cmd, view, info)
         finally:
             sock.detach()  # the fd stays the caller's
 
@@ -154,7 +158,6 @@ class SocketTransport:
         cmd: int,
         view: memoryview,
         info: uapi.IoctlInfo | None,
-        what: str,
     ) -> int:
         fds: list[int] = []
         if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
@@ -162,16 +165,16 @@ class SocketTransport:
             if caller_fd >= 0:
                 fds.append(caller_fd)
         fd_out = info is not None and info.fd_out
-        msg = self._exchange(sock, wire.encode_request(cmd, view), fds, fd_out, len(view), what)
+        msg = self._exchange(sock, wire.encode_request(cmd, view), fds, fd_out, len(view), cmd)
         received = msg.fds
         try:
-            return self._accept_reply(msg, cmd, view, fd_out, what)
+            return self._accept_reply(msg, cmd, view, fd_out)
         finally:
             wire.close_fds(received)
 
     @staticmethod
     def _exchange(
-        sock: socket.socket, request: bytes, fds: list[int], fd_out: bool, size: int, what: str
+        sock: socket.socket, request: bytes, fds: list[int], fd_out: bool, size: int, cmd: int
     ) -> wire.Message:
         """Send one request (with the caller's fd, if any) and receive its reply."""
         spare = -1
@@ -183,7 +186,7 @@ class SocketTransport:
             try:
                 spare = os.dup(sock.fileno())
             except OSError as exc:
-                raise error_from_errno(exc.errno or errno.EMFILE, what) from None
+                raise error_from_errno(exc.errno or errno.EMFILE, _ioctl_name(cmd)) from None
         try:
             try:
                 wire.send_message(sock, request, fds)
@@ -200,31 +203,30 @@ class SocketTransport:
         except OSError as exc:
             if spare >= 0:
                 os.close(spare)
-            if exc.errno in _PEER_GONE:
-                raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)") from None
-            raise error_from_errno(exc.errno or errno.EIO, what) from None
+            raise _transport_error(exc, _ioctl_name(cmd)) from None
 
     @staticmethod
-    def _accept_reply(
-        msg: wire.Message, cmd: int, view: memoryview, fd_out: bool, what: str
-    ) -> int:
+    def _accept_reply(msg: wire.Message, cmd: int, view: memoryview, fd_out: bool) -> int:
         """Check one reply, copy its struct into the caller's buffer, take its fd."""
+        # The ioctl's name is looked up only for an error's message.
         if msg.length == 0:
-            raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+            raise error_from_errno(errno.ENODEV, f"{_ioctl_name(cmd)} (luod rebooted or stopped)")
         if msg.fds_truncated:
-            raise error_from_errno(errno.EMFILE, f"{what}: no room for the returned fd")
+            raise error_from_errno(errno.EMFILE, f"{_ioctl_name(cmd)}: no room for the returned fd")
         if msg.truncated:
-            raise error_from_errno(errno.EPROTO, f"{what}: reply longer than the struct")
+            raise error_from_errno(
+                errno.EPROTO, f"{_ioctl_name(cmd)}: reply longer than the struct"
+            )
         try:
             ret, out = wire.decode_reply(msg.data)
         except wire.FramingError as exc:
-            raise error_from_errno(exc.errno, f"{what}: {exc}") from None
+            raise error_from_errno(exc.errno, f"{_ioctl_name(cmd)}: {exc}") from None
         if ret < 0:
             raise call_error(cmd, -ret, view)
         view[: len(out)] = out
         if fd_out:
             if len(msg.fds) != 1:
-                raise error_from_errno(errno.EPROTO, f"{what}: reply carried no fd")
+                raise error_from_errno(errno.EPROTO, f"{_ioctl_name(cmd)}: reply carried no fd")
             new_fd = msg.fds.pop()  # no longer closed by the caller's finally
             if len(view) >= _FD_OFFSET + _FD_FIELD.size:
                 _FD_FIELD.pack_into(view, _FD_OFFSET, new_fd)

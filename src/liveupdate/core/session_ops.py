@@ -85,13 +85,19 @@ def _finish(call: SessionCall, arg: ctypes.Structure) -> None:
     call.sessions.finish(call.session)
 
 
+#: Where @name lies in struct liveupdate_session_get_name, and its size.
+_GET_NAME_FIELD = uapi.liveupdate_session_get_name.name.offset
+_NAME_LENGTH = uapi.LIVEUPDATE_SESSION_NAME_LENGTH
+
+
 def _get_name(call: SessionCall, arg: ctypes.Structure) -> None:
     assert isinstance(arg, uapi.liveupdate_session_get_name)
     _no_reserved(arg.reserved)
-    # @name is output only: whatever the caller's buffer held is overwritten,
-    # so the reply is always NUL-terminated.
-    ctypes.memset(arg.name, 0, ctypes.sizeof(arg.name))
-    ctypes.memmove(arg.name, call.session.name, len(call.session.name))
+    # @name is output only: whatever the caller's buffer held is overwritten
+    # (NUL-padded, so the reply is always NUL-terminated). One copy to the
+    # field's address: reading ``arg.name`` makes a new array object each time.
+    name = call.session.name.ljust(_NAME_LENGTH, b"\0")
+    ctypes.memmove(ctypes.addressof(arg) + _GET_NAME_FIELD, name, _NAME_LENGTH)
 
 
 def _update(call: SessionCall, arg: ctypes.Structure) -> None:

@@ -17,8 +17,10 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from liveupdate.core.luo import DeviceCall
 from liveupdate.core.policy import Owner
 from liveupdate.core.session import Session
+from liveupdate.core.session_ops import SessionCall
 
 __all__ = ["Endpoint", "hung_up", "peer_groups", "peer_owner"]
 
@@ -81,6 +83,16 @@ class Endpoint:
     #: from the kernel for a device connection): who holds it tells a live
     #: client from a ghost (see :mod:`liveupdate.server.holds`).
     peer_inode: int | None = None
+    #: Waiting for the peer's socket to take a reply (selected for writing).
+    writing: bool = False
+    #: The call context reused by every call on this endpoint (made at the
+    #: first; the transport refreshes what changes per call).
+    device_call: DeviceCall | None = None
+    session_call: SessionCall | None = None
+    #: The last ``SCM_CREDENTIALS`` seen on a session endpoint and the
+    #: :class:`Owner` made of them, reused while they repeat.
+    sender_creds: tuple[int, int, int] | None = None
+    sender: Owner | None = None
 
     @property
     def kind(self) -> str:

@@ -53,15 +53,26 @@ FAULT_ENV = "LUOD_FAULT_FILE"
 class FaultStep(enum.Enum):
     """Where a reboot can be made to fail, in the order it gets there."""
 
+    #: The successor (``luod --successor-fd``), imported, before it says ready.
+    SUCCESSOR_STARTED = "successor-started"
     #: After the first file's freeze (the freeze is under way).
     FREEZE = "freeze"
     #: After the final image was written, before the reply went out.
     AFTER_IMAGE = "after-image"
-    #: The old generation's connections are closed; the exec is next.
+    #: The old generation, frozen and its image written, before the first fd is sent.
+    BEFORE_HANDOFF = "before-handoff"
+    #: The old generation, every fd sent, before the successor said it restored them.
+    AFTER_HANDOFF_SENT = "after-handoff-sent"
+    #: The successor, every session restored, before it says so.
+    SUCCESSOR_RESTORED = "successor-restored"
+    #: The old generation's connections are closed; the successor's takeover
+    #: (or, for a re-exec, the exec) is next.
     BEFORE_EXEC = "before-exec"
-    #: The new process, before it reads the image.
+    #: The successor, told to serve, before it says it does.
+    SUCCESSOR_TAKEOVER = "successor-takeover"
+    #: A re-executed luod (a SIGHUP retry), before it reads the image.
     AFTER_EXEC = "after-exec"
-    #: After the first session was restored.
+    #: After the first session was restored (by the successor, or in-process).
     RESTORE = "restore"
 
 

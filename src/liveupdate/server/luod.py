@@ -28,20 +28,25 @@ from typing import Any, NoReturn
 
 import click
 
+from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry
 from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import Hooks, LuoState, Orchestrator
 from liveupdate.core.session import Session
 from liveupdate.events import event
+from liveupdate.handover_abi import HandoverError
+from liveupdate.handover_codec import decode_image
 from liveupdate.server import systemd
 from liveupdate.server.config import Config, click_options, gid_of
 from liveupdate.server.faults import FaultInjector, FaultStep
-from liveupdate.server.journal import IMAGE_NAME, MARKER_NAME, Journal
+from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
 from liveupdate.server.logs import setup_logging
 from liveupdate.server.lossreport import LostReport, find_lost
 from liveupdate.server.preflight import check_image as check_image_main
+from liveupdate.server.preflight import image_problem
 from liveupdate.server.reexec import ReexecDriver, child_environment, restore_from_image
 from liveupdate.server.safefs import StateDir, UnsafePathError
+from liveupdate.server.successor import Handed, Predecessor
 from liveupdate.server.transport import DeviceServer, ServerHooks
 from liveupdate.version import __version__
 
@@ -276,44 +281,66 @@ def _shut_down(config: Config, ground: Ground, server: DeviceServer, journal: Jo
 
 
 def run(
-    config: Config, handover: Handover | None = None, child_env: dict[str, str] | None = None
+    config: Config,
+    handover: Handover | None = None,
+    child_env: dict[str, str] | None = None,
+    successor_fd: int | None = None,
 ) -> int:
-    """Serve one generation (cold start, or restored from ``handover``) until stopped.
+    """Serve one generation (cold start, restored from ``handover``, or taken
+    over as the successor on ``successor_fd``) until stopped.
 
-    ``child_env``: the environment of the pre-flight and the re-exec
+    ``child_env``: the environment of the successor and the re-exec
     (:func:`~liveupdate.server.reexec.child_environment` by default).
     """
     hard = raise_nofile_limit()
     faults = FaultInjector()
     registry = default_registry()
     lost = LostReport()
-    if handover is None:
-        ground = _cold_start(config)
-        lost = find_lost(ground.state_dir)
-    else:
-        ground = _inherit(config, handover, faults)
-    state_dir, state_file_dir = ground.state_dir, ground.state_file_dir
     state_name = os.path.basename(config.state_file)
-    journal = Journal(state_dir, config.journal_interval, f"luod {__version__}")
     server: DeviceServer | None = None
+    journal: Journal | None = None
+    state_file_dir: StateDir | None = None
 
     def released_meanwhile(session: Session) -> bool:
         # The transport's close check. The transport is made below, around
         # this orchestrator; no call reaches the core before it serves.
         return server is not None and server.reap(session)
 
+    def on_state_change(state: LuoState) -> None:
+        if state_file_dir is not None:
+            write_state_file(state_file_dir, state_name, state)
+        host = server.hooks.host if server is not None else None
+        if isinstance(host, ReexecDriver):
+            host.state_changed(state)
+
     luo_hooks = Hooks(
-        on_state_change=lambda state: write_state_file(state_file_dir, state_name, state),
+        on_state_change=on_state_change,
         released_meanwhile=released_meanwhile,
-        journal_error=lambda: journal.error,
+        journal_error=lambda: journal.error if journal is not None else 0,
     )
-    luo = _first_generation(config, handover, state_dir, registry, faults, lost, luo_hooks)
+    if successor_fd is not None:
+        taken = _take_over(config, successor_fd, registry, faults, luo_hooks)
+        if taken is None:
+            return 0  # dismissed (CANCEL), or the hand-over failed: nothing is ours
+        ground, luo = taken
+    else:
+        if handover is None:
+            ground = _cold_start(config)
+            lost = find_lost(ground.state_dir)
+        else:
+            ground = _inherit(config, handover, faults)
+        luo = _first_generation(
+            config, handover, ground.state_dir, registry, faults, lost, luo_hooks
+        )
+    state_dir, state_file_dir = ground.state_dir, ground.state_file_dir
+    journal = Journal(state_dir, config.journal_interval, f"luod {__version__}")
     _write_pid(ground.lock_fd)
     write_state_file(state_file_dir, state_name, luo.state)
     server = DeviceServer(
         luo, ground.listener, _server_hooks(config, ground, faults, journal, child_env)
     )
     server.install_signal_handlers()
+    restored = (handover is not None or successor_fd is not None) and luo.restore_error is None
     event(
         "started",
         version=__version__,
@@ -321,16 +348,108 @@ def run(
         generation=luo.generation,
         nofile=hard,
         activated=config.socket_activated,
-        restored=handover is not None and luo.restore_error is None,
+        restored=restored,
     )
     # The line operators (and tests) wait for: the socket listens now.
     event("serving", socket=config.socket_path, generation=luo.generation)
-    systemd.notify("READY=1", f"STATUS=serving generation {luo.generation}")
+    main_pid = [f"MAINPID={os.getpid()}"] if successor_fd is not None else []
+    systemd.notify(*main_pid, "READY=1", f"STATUS=serving generation {luo.generation}")
     try:
         server.serve_forever()
     finally:
         _shut_down(config, ground, server, journal)
     return 0
+
+
+def _take_over(
+    config: Config, fd: int, registry: HandlerRegistry, faults: FaultInjector, hooks: Hooks
+) -> tuple[Ground, Orchestrator] | None:
+    """The successor's life before it serves: check dry-run images until the
+    hand-over, restore it, and take over once the old generation lets go.
+
+    ``None``: this process never held anything and exits (dismissed, or the
+    restore failed: the old generation keeps serving and says why).
+    """
+    predecessor = Predecessor(fd)
+    try:
+        state_dir, state_file_dir, _socket_dir = _open_dirs(config, create=False)
+    except (UnsafePathError, OSError) as exc:
+        predecessor.say("failed", reason=f"the next luod cannot use {config.state_dir}: {exc}")
+        return None
+    faults.point(FaultStep.SUCCESSOR_STARTED)
+    predecessor.say("ready", pid=os.getpid(), version=__version__)
+    while True:
+        request = predecessor.next_request()
+        if request is None:
+            event("successor-dismissed")
+            return None
+        if isinstance(request, Handed):
+            break
+        try:
+            problem = image_problem(state_dir.read(request), registry)
+        except (OSError, UnsafePathError) as exc:
+            problem = f"cannot read the pre-flight image {state_dir.show(request)}: {exc}"
+        if problem is None:
+            predecessor.say("ready")
+        else:
+            event("preflight-failed", logging.WARNING, reason=problem)
+            predecessor.say("failed", reason=problem)
+    handed = request
+    try:
+        luo = _restore_handed(state_dir, handed, registry, config, faults, hooks)
+    except (OSError, HandoverError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        event("restore-failed", logging.ERROR, image=state_dir.show(IMAGE_NAME), reason=reason)
+        handed.close()
+        predecessor.say("failed", reason=f"the next luod could not restore: {reason}")
+        return None
+    faults.point(FaultStep.SUCCESSOR_RESTORED)
+    predecessor.say("restored")
+    predecessor.wait_serve()
+    faults.point(FaultStep.SUCCESSOR_TAKEOVER)
+    predecessor.say("serving")
+    predecessor.close()
+    for each in (handed.listener_fd, handed.lock_fd):
+        os.set_inheritable(each, False)
+    # The image is this generation's now: kept for inspection, the reboot is over.
+    state_dir.rename(IMAGE_NAME, LAST_IMAGE_NAME)
+    state_dir.unlink(MARKER_NAME)
+    event(
+        "restored",
+        generation=luo.generation,
+        sessions=len(luo.sessions.incoming),
+        files=luo.sessions.file_count,
+    )
+    listener = socket.socket(fileno=handed.listener_fd)
+    return Ground(state_dir, state_file_dir, handed.lock_fd, listener), luo
+
+
+def _restore_handed(
+    state_dir: StateDir,
+    handed: Handed,
+    registry: HandlerRegistry,
+    config: Config,
+    faults: FaultInjector,
+    hooks: Hooks,
+) -> Orchestrator:
+    """The next generation from the image on disk and the fds just received.
+
+    The image names the old generation's fd numbers; each is replaced by the
+    number the same file has here (a file the image names but that was not
+    handed over fails the restore, like a missing inherited fd).
+    """
+    image = decode_image(state_dir.read(IMAGE_NAME))
+    for session in image.sessions:
+        for file in session.files:
+            if file.fd >= 0:
+                file.fd = handed.files.get(file.fd, -1)
+    return reboot.restore(
+        image,
+        registry,
+        config.limits,
+        hooks,
+        on_session=lambda _s: faults.point(FaultStep.RESTORE),
+    )
 
 
 def _first_generation(
@@ -412,12 +531,14 @@ def _warn_open_socket(mode: int, group: str | None) -> None:
 @click.option("--handover", default=None, hidden=True)
 @click.option("--listen-fd", type=int, default=None, hidden=True)
 @click.option("--lock-fd", type=int, default=None, hidden=True)
+@click.option("--successor-fd", type=int, default=None, hidden=True)
 @click.version_option(__version__, prog_name="luod")
 def main(
     check_image: str | None,
     handover: str | None,
     listen_fd: int | None,
     lock_fd: int | None,
+    successor_fd: int | None,
     **options: Any,
 ) -> None:
     """Serve the Live Update Orchestrator device on a Unix socket.
@@ -447,7 +568,7 @@ def main(
             raise click.UsageError("--handover needs --listen-fd and --lock-fd")
         inherited = Handover(handover, listen_fd, lock_fd)
     try:
-        sys.exit(run(config, inherited, child_env))
+        sys.exit(run(config, inherited, child_env, successor_fd))
     except StartupError as exc:
         event("startup-failed", logging.ERROR, reason=str(exc))
         click.echo(f"luod: {exc}", err=True)

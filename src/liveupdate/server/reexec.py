@@ -30,6 +30,7 @@ crash-safety tests make the driver fail at each step through
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from typing import Protocol
 
 from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry, PreservedFile
-from liveupdate.core.luo import Hooks, Orchestrator
+from liveupdate.core.luo import Hooks, LuoState, Orchestrator
 from liveupdate.core.policy import Limits
 from liveupdate.events import event
 from liveupdate.handover_abi import HandoverError, HandoverImage
@@ -47,17 +48,23 @@ from liveupdate.handover_codec import decode_image, encode_image
 from liveupdate.server import systemd
 from liveupdate.server.faults import FAULT_ENV, FaultInjector, FaultStep
 from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
-from liveupdate.server.preflight import run_preflight
 from liveupdate.server.safefs import StateDir
+from liveupdate.server.successor import Successor
 
 __all__ = ["ReexecDriver", "Transport", "child_environment", "restore_from_image"]
 
 #: PATH of luod's children: the system's directories, never the caller's.
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Set by coverage.py in a process it measures; passed on so that the test
+#: suite measures every generation too. It only makes the installed coverage
+#: package record lines: it names no code beyond what ``PYTHONPATH`` (passed
+#: below) already could, and it is absent unless luod's starter set it.
+COVERAGE_ENV = "COVERAGE_PROCESS_CONFIG"
 #: Variables of luod's own environment its children get unchanged: the service
-#: manager's (``sd_notify``, journal) and luod's test hook. Everything else
-#: (``LD_PRELOAD``, ``PYTHON*``, ``HOME``, locale...) is the caller's, not ours.
-PASSED_ENV = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", FAULT_ENV)
+#: manager's (``sd_notify``, journal), luod's test hook and the coverage
+#: measurement of the test suite. Everything else (``LD_PRELOAD``,
+#: ``PYTHON*``, ``HOME``, locale...) is the caller's, not ours.
+PASSED_ENV = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", FAULT_ENV, COVERAGE_ENV)
 
 
 def child_environment(
@@ -141,6 +148,8 @@ class ReexecDriver:
         self.faults = faults or FaultInjector()
         self.journal = journal
         self.started_at = 0.0
+        #: The next generation, started ahead of the reboot (PREPARE).
+        self.successor: Successor | None = None
         #: Who writes the images (``luoctl inspect`` shows it).
         self.writer = f"luod pid {os.getpid()}"
 
@@ -151,8 +160,48 @@ class ReexecDriver:
     # -- RebootHost ------------------------------------------------------------
 
     def preflight(self, image: HandoverImage) -> None:
+        """The pre-flight, by the successor: started now unless one already waits."""
         image.writer = self.writer
-        run_preflight(image, self.dir, self.exec_argv, self.env)
+        name = f".preflight.{os.getpid()}.dtb"
+        try:
+            self.dir.write_atomic(name, encode_image(image))
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot write the pre-flight image in {self.dir.path}: {exc.strerror}",
+            ) from None
+        try:
+            successor = self._waiting_successor()
+            try:
+                successor.check(name)
+            except OSError as exc:
+                self.stop_successor()
+                raise OSError(errno.EIO, f"pre-flight failed: {exc.strerror}") from None
+        finally:
+            self.dir.unlink(name)
+        event("preflight-passed", sessions=len(image.sessions), successor=successor.pid)
+
+    def _waiting_successor(self) -> Successor:
+        """The successor waiting for this reboot; a new one when none is alive."""
+        if self.successor is not None and self.successor.alive():
+            return self.successor
+        self.stop_successor()
+        try:
+            self.successor = Successor.start([*self.exec_argv, *self.daemon_args], self.env)
+        except OSError as exc:
+            raise OSError(errno.EIO, f"pre-flight failed: {exc.strerror}") from None
+        return self.successor
+
+    def stop_successor(self) -> None:
+        """No successor waits any more (CANCEL, a failed reboot, a stop)."""
+        successor, self.successor = self.successor, None
+        if successor is not None:
+            successor.stop()
+
+    def state_changed(self, state: LuoState) -> None:
+        """A successor only waits while a reboot is prepared or under way."""
+        if state not in (LuoState.PREPARED, LuoState.FROZEN):
+            self.stop_successor()
 
     def begin_reboot(self, intent: HandoverImage) -> None:
         self.started_at = time.monotonic()
@@ -187,7 +236,27 @@ class ReexecDriver:
         image.writer = self.writer
         self.dir.write_atomic(IMAGE_NAME, encode_image(image))
         self.faults.point(FaultStep.AFTER_IMAGE)
-        self.transport.defer(lambda: self._next_generation(no_exec))
+        if no_exec:
+            self.stop_successor()
+            self.transport.defer(self._next_generation_in_process)
+            return
+        # The hand-over, before the reply: until the successor restored
+        # everything, the files are ours alone and a failure rolls back.
+        self.faults.point(FaultStep.BEFORE_HANDOFF)
+        try:
+            successor = self._waiting_successor()
+            fds = [
+                self.transport.listener_fd,
+                self.lock_fd,
+                *reboot.preserved_fds(self.transport.luo),
+            ]
+            successor.hand_over(fds, sent=lambda: self.faults.point(FaultStep.AFTER_HANDOFF_SENT))
+        except OSError as exc:
+            # It must never take over once we roll back: gone and reaped first.
+            self.stop_successor()
+            event("handoff-failed", logging.ERROR, reason=exc.strerror)
+            raise OSError(errno.EIO, f"the next generation failed: {exc.strerror}") from None
+        self.transport.defer(self._switch_to_successor)
 
     def _forget_intent(self) -> None:
         self.dir.unlink(IMAGE_NAME)
@@ -195,17 +264,37 @@ class ReexecDriver:
 
     # -- starting the next generation -----------------------------------------------
 
-    def _next_generation(self, no_exec: bool) -> None:
+    def _switch_to_successor(self) -> None:
+        """After the REBOOT's reply: let the successor serve, then end this process."""
         # The old generation's device and session fds die here: clients see
-        # ENODEV. The files stay held by the orchestrator.
+        # ENODEV. The files stay held (by both processes, for a moment).
         self.transport.close_connections()
         systemd.notify("STATUS=live update in progress")
-        if not no_exec:
-            self.faults.point(FaultStep.BEFORE_EXEC)
-            try:
-                self.exec_next(reboot.preserved_fds(self.transport.luo))
-            except OSError as exc:
-                event("exec-failed", logging.ERROR, error=str(exc), fallback="in-process")
+        self.faults.point(FaultStep.BEFORE_EXEC)
+        successor, self.successor = self.successor, None
+        assert successor is not None
+        if not successor.serve():
+            # It died (or hangs) between its restore and its takeover: it is
+            # made sure gone, and this process starts the next generation
+            # itself from the same image and fds.
+            successor.stop()
+            event("successor-failed", logging.ERROR, fallback="in-process")
+            self.restore_in_process()
+            return
+        elapsed = time.monotonic() - self.started_at
+        event("handed-over", successor=successor.pid, seconds=round(elapsed, 6))
+        # The service manager follows the successor (the unit needs
+        # NotifyAccess=all for the successor's own notifications).
+        systemd.notify(f"MAINPID={successor.pid}")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        # Not a clean stop: the journal, the image and the socket are the
+        # successor's now. Every fd of ours simply closes.
+        os._exit(0)
+
+    def _next_generation_in_process(self) -> None:
+        self.transport.close_connections()
+        systemd.notify("STATUS=live update in progress")
         self.restore_in_process()
 
     def exec_next(self, file_fds: Sequence[int]) -> None:

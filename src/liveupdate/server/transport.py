@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import os
 import selectors
@@ -40,7 +41,7 @@ from liveupdate.core.session import Session
 from liveupdate.core.session_ops import SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, Reply, dispatch
-from liveupdate.events import event
+from liveupdate.events import EVENT_LOGGER, event
 from liveupdate.server.acceptor import Acceptor
 from liveupdate.server.endpoint import Endpoint, hung_up, peer_owner
 from liveupdate.server.holds import EndpointHolds
@@ -50,6 +51,10 @@ __all__ = ["DeviceServer", "Endpoint", "ServerHooks"]
 #: Receive buffer: one full request plus one byte, so an oversized message
 #: shows up as truncated (its true length comes from MSG_TRUNC).
 _RECV_BUF = wire.REQUEST_HEADER.size + wire.MAX_ARG_LEN + 1
+#: ``socket.MSG_DONTWAIT`` as a plain int (socket's flags are ``enum.IntFlag``).
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+#: The events' logger, asked once per call whether ioctls are logged at all.
+_events = logging.getLogger(EVENT_LOGGER)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class DeviceServer:
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
         self._stop = False
+        #: Every request is received into this one buffer (one at a time).
+        self._recv_buffer = bytearray(_RECV_BUF)
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
@@ -137,8 +144,10 @@ class DeviceServer:
         signal.signal(signal.SIGUSR1, self._on_usr1)
 
     def _on_stop_signal(self, signum: int, _frame: object) -> None:
-        event("signal", signal=signal.Signals(signum).name)
+        # The flag first: the log write below can fail when the signal
+        # interrupted another write to the same stream (a reentrant call).
         self._stop = True
+        event("signal", signal=signal.Signals(signum).name)
 
     def _on_hup(self, _signum: int, _frame: object) -> None:
         # Runs between two events, never inside a call.
@@ -315,36 +324,44 @@ class DeviceServer:
         self.selector.register(ep.sock, selectors.EVENT_READ, ep)
 
     def _serve(self, ep: Endpoint) -> None:
-        """Answer the messages waiting on ``ep``, one reply each."""
+        """Answer one message waiting on ``ep``.
+
+        One message per wake-up, then back to the selector: it reports the
+        socket again while messages wait (level-triggered), and a client
+        that waits for each reply (every client) leaves exactly one, so
+        reading on until ``EAGAIN`` would cost a failed ``recvmsg`` per call.
+        """
         # Once work is deferred (an accepted REBOOT), nothing more is read:
         # the next request belongs to the next generation.
-        while not ep.closed and not ep.pending and not self._deferred:
-            try:
-                msg = wire.recv_message(
-                    ep.sock,
-                    _RECV_BUF,
-                    flags=socket.MSG_DONTWAIT,
-                    creds=ep.session is not None,
-                )
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._close(ep)
-                return
-            if msg.length == 0:
-                wire.close_fds(msg.fds)
-                self._close(ep)  # EOF, or a zero-length message: both mean close
-                return
-            try:
-                reply = self._handle(ep, msg)
-            except Exception:
-                # A bug in the orchestrator must not take the daemon (and every
-                # preserved file) down: answer EIO and keep serving.
-                event("internal-error", logging.ERROR, exc_info=True, endpoint=ep.kind)
-                reply = Reply.error(errno.EIO)
-            finally:
-                wire.close_fds(msg.fds)
-            self._reply(ep, wire.encode_reply(reply.ret, reply.out), reply.fd)
+        if ep.closed or ep.pending or self._deferred:
+            return
+        try:
+            msg = wire.recv_message(
+                ep.sock,
+                _RECV_BUF,
+                flags=_DONTWAIT,
+                creds=ep.session is not None,
+                buffer=self._recv_buffer,
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(ep)
+            return
+        if msg.length == 0:
+            wire.close_fds(msg.fds)
+            self._close(ep)  # EOF, or a zero-length message: both mean close
+            return
+        try:
+            reply = self._handle(ep, msg)
+        except Exception:
+            # A bug in the orchestrator must not take the daemon (and every
+            # preserved file) down: answer EIO and keep serving.
+            event("internal-error", logging.ERROR, exc_info=True, endpoint=ep.kind)
+            reply = Reply.error(errno.EIO)
+        finally:
+            wire.close_fds(msg.fds)
+        self._reply(ep, wire.encode_reply(reply.ret, reply.out), reply.fd)
 
     def _handle(self, ep: Endpoint, msg: wire.Message) -> Reply:
         try:
@@ -356,16 +373,34 @@ class DeviceServer:
             # Our own fd table is full: the kernel dropped what was sent.
             event("fds-dropped", logging.WARNING, endpoint=ep.kind)
             return Reply.error(errno.ENOMEM)
-        if ep.session is None:
-            dcall = DeviceCall(self.luo, ep.owner, self.bind_session, msg.fds, self.hooks.host)
+        # One call context per endpoint, made at its first call and refreshed
+        # with what changes per call: nothing is allocated for the context on
+        # the fast path.
+        session = ep.session
+        if session is None:
+            dcall = ep.device_call
+            if dcall is None:
+                dcall = ep.device_call = DeviceCall(self.luo, ep.owner, self.bind_session)
+            dcall.luo = self._luo
+            dcall.fds_in = msg.fds
+            dcall.host = self.hooks.host
             reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
         else:
-            caller = Owner(*msg.creds) if msg.creds is not None else None
-            scall = SessionCall(
-                self.luo.sessions, ep.session, msg.fds, caller, lambda: self._detach_after_reply(ep)
-            )
-            reply = dispatch(self.session_table, req.cmd, req.arg, scall, ep.session.direction)
-        self._log_call(ep, req.cmd, reply)
+            scall = ep.session_call
+            if scall is None:
+                detach = functools.partial(self._detach_after_reply, ep)
+                scall = ep.session_call = SessionCall(self._luo.sessions, session, detach=detach)
+            scall.sessions = self._luo.sessions
+            scall.fds_in = msg.fds
+            # The sender's credentials (SCM_CREDENTIALS) come with every
+            # message; the Owner made of them is kept while they repeat.
+            if msg.creds != ep.sender_creds:
+                ep.sender_creds = msg.creds
+                ep.sender = Owner(*msg.creds) if msg.creds is not None else None
+            scall.caller = ep.sender
+            reply = dispatch(self.session_table, req.cmd, req.arg, scall, session.direction)
+        if _events.isEnabledFor(logging.DEBUG):  # cached by logging until a level changes
+            self._log_call(ep, req.cmd, reply)
         return reply
 
     def _log_call(self, ep: Endpoint, cmd: int, reply: Reply) -> None:
@@ -396,9 +431,10 @@ class DeviceServer:
         while ep.pending and not ep.closed:
             data, fd = ep.pending[0]
             try:
-                wire.send_message(ep.sock, data, [] if fd is None else [fd])
+                wire.send_message(ep.sock, data, () if fd is None else (fd,))
             except (BlockingIOError, InterruptedError):
                 self.selector.modify(ep.sock, selectors.EVENT_WRITE, ep)
+                ep.writing = True
                 return
             except OSError:
                 self._close(ep)  # the peer is gone: its reply has nowhere to go
@@ -409,9 +445,12 @@ class DeviceServer:
         if ep.detach and not ep.pending:
             self._drop(ep)
             return
-        if not ep.closed:
-            # Requests that queued meanwhile are reported again (level-triggered).
+        if ep.writing and not ep.closed:
+            # Back to reading: requests that queued meanwhile are reported
+            # again (level-triggered). Only after a blocked send: modifying
+            # the selector is a system call.
             self.selector.modify(ep.sock, selectors.EVENT_READ, ep)
+            ep.writing = False
 
     def _drop(self, ep: Endpoint) -> None:
         """Close the socket and forget the endpoint, without touching its session."""

@@ -35,6 +35,7 @@ from liveupdate.core.handlers.pidfd import PidfdHandler
 from liveupdate.core.handlers.pipe import PipeHandler
 from liveupdate.core.handlers.pty import PtyHandler
 from liveupdate.core.handlers.socket import SocketHandler
+from liveupdate.events import EVENT_LOGGER, event
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,8 +48,6 @@ __all__ = [
 
 #: The entry-point group third-party handlers register under.
 ENTRY_POINT_GROUP = "liveupdate.handlers"
-
-log = logging.getLogger("liveupdate.handlers")
 
 
 def builtin_handlers() -> list[FileHandler]:
@@ -99,17 +98,23 @@ def load_plugins(registry: HandlerRegistry) -> list[str]:
             handler = _instantiate(ep.load())
             registry.register(handler)
         except (Exception, SystemExit) as exc:
-            log.error(
-                "handler plugin %s = %s (%s) skipped: %s: %s",
-                ep.name,
-                ep.value,
-                origin,
-                type(exc).__name__,
-                exc,
-                exc_info=log.isEnabledFor(logging.DEBUG),
+            event(
+                "handler-plugin-skipped",
+                logging.ERROR,
+                exc_info=logging.getLogger(EVENT_LOGGER).isEnabledFor(logging.DEBUG),
+                entry_point=ep.name,
+                value=ep.value,
+                distribution=origin,
+                error=f"{type(exc).__name__}: {exc}",
             )
             continue
-        log.info("handler plugin %s = %s (%s): %s", ep.name, ep.value, origin, handler.compatible)
+        event(
+            "handler-plugin-loaded",
+            entry_point=ep.name,
+            value=ep.value,
+            distribution=origin,
+            compatible=handler.compatible,
+        )
         added.append(handler.compatible)
     return added
 
