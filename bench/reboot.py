@@ -207,9 +207,10 @@ WHY = {
 }
 
 
-def write_results(rows: list[dict[str, float | str | int]], argv: list[str], out: Path) -> None:
+def write_results(
+    rows: list[dict[str, float | str | int]], argv: list[str], out: Path, png: Path
+) -> None:
     """bench/results/reboot.json (the shape bench/report.py reads) and its plot."""
-    png = Path("docs/_static/bench/reboot.png")
     table = {
         "caption": "Blackout (REBOOT ioctl to the first answered open of the next "
         "generation), median, against a bare re-exec with the same fds",
@@ -275,8 +276,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/reboot.json"))
+    parser.add_argument("--out", type=Path, default=None, help="result file to write")
     args = parser.parse_args()
+    # A smoke run never overwrites the recorded results and plot (bench/report.py
+    # reads those); like bench/ops.py, it writes under quick/ instead.
+    if args.out is None:
+        results = Path("bench/results/quick" if args.quick else "bench/results")
+        args.out = results / "reboot.json"
+        png = (
+            Path("docs/_static/bench/quick" if args.quick else "docs/_static/bench") / "reboot.png"
+        )
+    else:
+        png = args.out.with_suffix(".png")
     raise_nofile()
     if args.quick:
         cases = [("1 session", 1, 1), ("3 sessions", 3, 1), ("10 files", 1, 10)]
@@ -301,7 +312,7 @@ def main() -> None:
             flush=True,
         )
 
-    write_results(rows, sys.argv[1:], args.out)
+    write_results(rows, sys.argv[1:], args.out, png)
     for goal in goals(rows):
         print(f"{'met ' if goal['met'] else 'MISSED'} {goal['goal']}: {goal['measured']}")
 

@@ -143,6 +143,10 @@ def _start_json(luod_factory: Callable[..., Luod]) -> Luod:
     wait_for(lambda: bool(events(daemon, "started")) and can_connect(daemon.socket), "luod", 20)
     with daemon.open() as dev:
         dev.get_state()
+    # The close travels to luod asynchronously: a SIGTERM sent at once may be
+    # handled first, and the stop then closes the connection without the
+    # device-closed event this log is meant to show.
+    wait_for(lambda: bool(events(daemon, "device-closed")), "device-closed", 20)
     assert daemon.stop() == 0
     return daemon
 

@@ -328,17 +328,18 @@ class Device(_FdObject):
         """LUOD_IOCTL_GET_STATE (luod only: Linux answers EINVAL, InvalidArgumentError)."""
         arg = uapi.luod_get_state(size=ctypes.sizeof(uapi.luod_get_state))
         self.ioctl(uapi.LUOD_IOCTL_GET_STATE, arg)
+        # ctypes reads an integer field as a Python int already: no int() around them.
         return StateInfo(
             state=uapi.LuodState(arg.state),
-            generation=int(arg.generation),
-            outgoing_sessions=int(arg.outgoing_sessions),
-            incoming_sessions=int(arg.incoming_sessions),
-            preserved_files=int(arg.preserved_files),
-            max_sessions=int(arg.max_sessions),
-            max_files=int(arg.max_files),
-            lost_sessions=int(arg.lost_sessions),
+            generation=arg.generation,
+            outgoing_sessions=arg.outgoing_sessions,
+            incoming_sessions=arg.incoming_sessions,
+            preserved_files=arg.preserved_files,
+            max_sessions=arg.max_sessions,
+            max_files=arg.max_files,
+            lost_sessions=arg.lost_sessions,
             last_error=uapi.decode_name(arg.last_error).decode(errors="replace"),
-            journal_error=int(arg.journal_error),
+            journal_error=arg.journal_error,
             lost_incomplete=bool(arg.flags & uapi.LUOD_STATE_LOST_INCOMPLETE),
         )
 

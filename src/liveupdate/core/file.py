@@ -285,6 +285,8 @@ class FileSet(Mapping[int, PreservedFile]):
     def __init__(self, table: PreservedFiles) -> None:
         self._table = table
         self._files: dict[int, PreservedFile] = {}
+        #: Sum of the files' charges, kept by the methods that add or drop files.
+        self._charge = 0
 
     def __getitem__(self, token: int) -> PreservedFile:
         return self._files[token]
@@ -301,7 +303,7 @@ class FileSet(Mapping[int, PreservedFile]):
     @property
     def charge(self) -> int:
         """Bytes charged to the owner's memory quota for these files."""
-        return sum(f.charge for f in self._files.values())
+        return self._charge
 
     def fds(self) -> list[int]:
         """The orchestrator's fd of every file, in preservation order."""
@@ -323,6 +325,7 @@ class FileSet(Mapping[int, PreservedFile]):
         file = PreservedFile(token, handler, fd, key, charge=charge)
         handler.preserve(file)
         self._files[token] = file
+        self._charge += charge
         self._table.hold(file)
         return file
 
@@ -331,6 +334,7 @@ class FileSet(Mapping[int, PreservedFile]):
         file = self._files.pop(token, None)
         if file is None:
             raise OSError(errno.ENOENT, f"no file with token {token:#x}")
+        self._charge -= file.charge
         try:
             file.handler.unpreserve(file)
         finally:
@@ -344,6 +348,7 @@ class FileSet(Mapping[int, PreservedFile]):
         """
         files = list(reversed(self._files.values()))
         self._files.clear()
+        self._charge = 0
         failure: BaseException | None = None
         for file in files:
             try:
@@ -401,8 +406,12 @@ class FileSet(Mapping[int, PreservedFile]):
         version can try again with the same fds. Restored files do not count
         as preserved until they are retrieved.
         """
-        for rec in records:
-            self._files[rec.token] = _restore_file(rec, registry, f"{where} token {rec.token:#x}")
+        try:
+            for rec in records:
+                where_file = f"{where} token {rec.token:#x}"
+                self._files[rec.token] = _restore_file(rec, registry, where_file)
+        finally:
+            self._charge = sum(f.charge for f in self._files.values())
 
     def make_private(self) -> None:
         """The inherited fds become the orchestrator's alone (close-on-exec)."""

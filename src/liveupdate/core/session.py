@@ -90,6 +90,39 @@ class Session:
 ReleaseCheck = Callable[[Session], bool]
 
 
+class _Recount:
+    """Wraps every change to what sessions hold (``with _Recount(set, *sessions):``).
+
+    On entry it takes the sessions' share out of the set's usage counters,
+    on exit (even when the change failed midway) it puts back what they hold
+    then, read from the sessions themselves. The counters therefore follow
+    every change made inside one, and no change is made outside one: the
+    quotas and the fd reserve are checked in O(1) instead of walking every
+    session on each PRESERVE_FD and CREATE_SESSION, and cannot drift.
+    The per-call paths (create, release, preserve, unpreserve) spell out its two
+    :meth:`SessionSet._count` calls instead of making an object per call.
+    """
+
+    __slots__ = ("_sessions", "_set")
+
+    def __init__(self, owner: SessionSet, *sessions: Session | None) -> None:
+        self._set = owner
+        self._sessions: list[Session] = []
+        for session in sessions:
+            # Each once, even when given twice (a session and its stale
+            # namesake can be one): taken out once, put back once.
+            if session is not None and all(session is not s for s in self._sessions):
+                self._sessions.append(session)
+
+    def __enter__(self) -> None:
+        for session in self._sessions:
+            self._set._count(session, -1)
+
+    def __exit__(self, *_exc: object) -> None:
+        for session in self._sessions:
+            self._set._count(session, +1)
+
+
 class SessionSet:
     """The outgoing and incoming sessions of one generation.
 
@@ -118,6 +151,10 @@ class SessionSet:
         self._outgoing: dict[bytes, Session] = {}
         self._incoming: dict[bytes, Session] = {}
         self._mutations = 0
+        #: What the held sessions (:meth:`held`) hold, per uid and in all;
+        #: changed only by :class:`_Recount` (through :meth:`_count`).
+        self._usage: dict[int, Usage] = {}
+        self._total = Usage()
 
     # -- reading ----------------------------------------------------------------
 
@@ -151,17 +188,38 @@ class SessionSet:
     @property
     def file_count(self) -> int:
         """Files held in outgoing and unfinished incoming sessions."""
-        return sum(len(s.files) for s in self.held())
+        return self._total.files
 
     def usage(self, uid: int) -> Usage:
-        """What luod holds for ``uid`` now (computed, so it can never drift)."""
-        usage = Usage()
-        for session in self.held():
-            if session.owner.uid == uid:
-                usage.sessions += 1
-                usage.files += len(session.files)
-                usage.memfd_bytes += session.files.charge
-        return usage
+        """What luod holds for ``uid`` now (a copy of its counters)."""
+        usage = self._usage.get(uid)
+        if usage is None:
+            return Usage()
+        return Usage(usage.sessions, usage.files, usage.memfd_bytes)
+
+    def _count(self, session: Session, sign: int) -> None:
+        """Add (``sign`` 1) or take out (-1) what ``session`` holds now, if
+        held; only a :class:`_Recount` (or its spelled-out form) calls it."""
+        # Held: one of :meth:`held`, told by membership rather than by its
+        # own fields, so that a session just taken out counts no more.
+        if self._outgoing.get(session.name) is not session and (
+            self._incoming.get(session.name) is not session or session.finished
+        ):
+            return
+        uid = session.owner.uid
+        usage = self._usage.get(uid)
+        if usage is None:
+            usage = self._usage[uid] = Usage()
+        files, charge = sign * len(session.files), sign * session.files.charge
+        usage.sessions += sign
+        usage.files += files
+        usage.memfd_bytes += charge
+        total = self._total
+        total.sessions += sign
+        total.files += files
+        total.memfd_bytes += charge
+        if usage.sessions == 0:
+            del self._usage[uid]  # nothing held: no entry left behind per uid
 
     def released_meanwhile(self, session: Session) -> bool:
         """Whether ``session``'s fd turns out to be closed already (the
@@ -178,7 +236,7 @@ class SessionSet:
 
     def check_fd_reserve(self) -> None:
         """``EMFILE`` when one more held fd would eat into luod's reserve."""
-        check_fd_reserve(self.limits, sum(1 + len(s.files) for s in self.held()))
+        check_fd_reserve(self.limits, self._total.sessions + self._total.files)
 
     # -- creating and retrieving --------------------------------------------------
 
@@ -198,6 +256,7 @@ class SessionSet:
         self._check_waiting_clash(name, owner)
         session = Session(name, Direction.OUTGOING, owner, FileSet(self._preserved))
         self._outgoing[name] = session
+        self._count(session, +1)  # new: nothing of it was counted before
         self._mutations += 1
         return session
 
@@ -226,7 +285,8 @@ class SessionSet:
     def abandon(self, session: Session) -> None:
         """Undo :meth:`create` of an empty session whose fd could not be bound."""
         if self._outgoing.get(session.name) is session and not session.files:
-            del self._outgoing[session.name]
+            with _Recount(self, session):
+                del self._outgoing[session.name]
             self._mutations += 1
 
     def retrieve(self, name: bytes, owner: Owner) -> Session:
@@ -257,15 +317,19 @@ class SessionSet:
         if session.direction == Direction.OUTGOING:
             if session.flags & uapi.LUOD_SESSION_KEEP_ON_CLOSE and self._keep_on_close(session):
                 return
-            if self._outgoing.get(session.name) is session:
-                del self._outgoing[session.name]
-            self._mutations += 1
-            session.files.unpreserve_all()
+            self._count(session, -1)  # a _Recount spelled out: no object per call
+            try:
+                if self._outgoing.get(session.name) is session:
+                    del self._outgoing[session.name]
+                self._mutations += 1
+                session.files.unpreserve_all()
+            finally:
+                self._count(session, +1)  # gone: adds nothing back
             return
         if not session.finished:
             self.finish(session, force=True)
         if self._incoming.get(session.name) is session:
-            del self._incoming[session.name]
+            del self._incoming[session.name]  # finished: it counted no more
 
     def _keep_on_close(self, session: Session) -> bool:
         """Hand over a session whose holder is gone without doing it (crashed):
@@ -293,23 +357,29 @@ class SessionSet:
         if stale is not None and not stale.finished and not replace:
             raise OSError(errno.EEXIST, "an unfinished incoming session has this name")
         session.files.freeze()
-        if stale is not None:
-            self.finish(stale, force=True)
-            del self._incoming[session.name]
-        if self._outgoing.get(session.name) is session:
-            del self._outgoing[session.name]
-        session.files.let_go_all()  # waiting: it counts again once retrieved
-        session.direction = Direction.INCOMING
-        session.retrieved = False
-        session.finished = False
-        session.handed_over = True
-        self._incoming[session.name] = session
+        with _Recount(self, session, stale):
+            if stale is not None:
+                self._finish(stale, force=True)
+                del self._incoming[session.name]
+            if self._outgoing.get(session.name) is session:
+                del self._outgoing[session.name]
+            session.files.let_go_all()  # waiting: it counts again once retrieved
+            session.direction = Direction.INCOMING
+            session.retrieved = False
+            session.finished = False
+            session.handed_over = True
+            self._incoming[session.name] = session
         self._mutations += 1
         self._incoming_changed()
 
     def finish(self, session: Session, force: bool = False) -> None:
         """FINISH: ask every file, then finish them all; idempotent. ``force``
         finishes even files that refuse (the fd was closed: nobody can retry)."""
+        with _Recount(self, session):
+            self._finish(session, force)
+
+    def _finish(self, session: Session, force: bool) -> None:
+        """:meth:`finish`, inside a :class:`_Recount` of ``session``."""
         if session.finished:
             return
         refusing = None if force else session.files.refusing_to_finish()
@@ -370,7 +440,11 @@ class SessionSet:
         charge = handler.charged_bytes(fd, st)
         if usage is not None:
             self._check_byte_quota(owner, usage, charge)
-        file = session.files.preserve(token, handler, fd, key, charge)
+        self._count(session, -1)  # a _Recount spelled out: no object per call
+        try:
+            file = session.files.preserve(token, handler, fd, key, charge)
+        finally:
+            self._count(session, +1)
         fds_in.remove(fd)
         self._mutations += 1
         return file
@@ -407,9 +481,11 @@ class SessionSet:
 
     def unpreserve_file(self, session: Session, token: int) -> None:
         """Drop one file of an outgoing session (LUOD_SESSION_UNPRESERVE_FD)."""
+        self._count(session, -1)  # a _Recount spelled out: no object per call
         try:
             session.files.unpreserve(token)
         finally:
+            self._count(session, +1)
             self._mutations += 1
 
     def retrieve_file(self, session: Session, token: int) -> int:
@@ -467,7 +543,8 @@ class SessionSet:
                 handed_over=bool(record.flags & IMAGE_FLAG_AWAITING_SUCCESSOR),
             )
             session.files.restore(record.files, self.registry, f"session {session.display_name!r}")
-            self._incoming[session.name] = session
+            with _Recount(self, session, self._incoming.get(session.name)):
+                self._incoming[session.name] = session
             if on_session is not None:
                 on_session(session)
         for session in self._incoming.values():
@@ -478,18 +555,20 @@ class SessionSet:
         """The generation ends: close the files of every incoming session that
         is not handed on (as an exec would: they are close-on-exec)."""
         kept = set(map(id, self.handed_over()))
-        for session in self._incoming.values():
-            if id(session) not in kept:
-                session.files.release()
-        self._incoming.clear()
+        with _Recount(self, *self._incoming.values()):
+            for session in self._incoming.values():
+                if id(session) not in kept:
+                    session.files.release()
+            self._incoming.clear()
 
     def close(self) -> None:
         """Release everything (daemon shutdown): outgoing sessions last first."""
         for session in reversed(list(self._outgoing.values())):
             self.release(session)
-        for session in self._incoming.values():
-            session.files.release()
-        self._incoming.clear()
+        with _Recount(self, *self._incoming.values()):
+            for session in self._incoming.values():
+                session.files.release()
+            self._incoming.clear()
 
 
 def session_record(session: Session) -> SessionRecord:

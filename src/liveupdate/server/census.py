@@ -216,11 +216,21 @@ class Census:
     unseen: str = ""
 
 
+#: The inode of the initial pid namespace, fixed by the kernel
+#: (``PROC_PID_INIT_INO`` in ``include/linux/proc_ns.h``).
+_INIT_PID_NS_INO = 0xEFFFFFFC
+
+
 def _blind_spot() -> str:
     """Why luod cannot see every process's fd table at all ("" if it can)."""
     try:
         if os.readlink("/proc/self") != str(os.getpid()):
             return "/proc is not mounted for luod's pid namespace"
+        # A /proc mounted for a child pid namespace (a container) shows only
+        # that namespace, and NSpid there lists a single pid: only the
+        # namespace's own identity tells that processes outside are invisible.
+        if os.stat("/proc/self/ns/pid").st_ino != _INIT_PID_NS_INO:
+            return "luod runs in a child pid namespace: processes outside it are invisible"
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("NSpid:") and len(line.split()) > 2:

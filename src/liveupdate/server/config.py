@@ -3,17 +3,22 @@
 Each field of :class:`Config` is one ``luod`` option, declared with
 :func:`option` next to its type and default. That one declaration gives:
 
-* the ``click`` option (:func:`click_options` decorates ``luod.main``);
+* the ``click`` option (:func:`liveupdate.server.options.click_options`
+  decorates luod's command);
 * the field of :class:`Config` that ``luod`` reads;
-* the argument that reproduces it for the next generation
-  (:meth:`Config.to_args`: a live update re-executes luod with the same
-  configuration, resolved: absolute paths, the admin group as a gid).
+* the argument that reproduces it for a re-executed generation
+  (:meth:`Config.to_args`: the same configuration, resolved: absolute paths,
+  the admin group as a gid), and the JSON object a successor receives
+  instead (:meth:`Config.to_fields`, :meth:`Config.from_fields`).
 
-A value that needs converting says so with its click type (:data:`OCTAL`,
-:data:`GROUP_ID`, :data:`EXECUTABLE`), which also reads back what
-:meth:`~Config.to_args` writes. Options that are not configuration (the
-``--check-image`` mode, the hidden options a re-exec passes the handover
-with) are declared on ``luod.main`` alone.
+A value that needs converting says so with its type (:data:`OCTAL`,
+:data:`GROUP_ID`, :data:`EXECUTABLE`, :class:`AtLeast`, :class:`OneOf`),
+which also reads back what :meth:`~Config.to_args` writes. This module does
+not import ``click``: a successor gets its configuration as JSON and never
+pays for it (:mod:`liveupdate.server.options` turns the types into click's).
+Options that are not configuration (the ``--check-image`` mode, the hidden
+options a re-exec passes the handover with) are declared on luod's command
+alone.
 """
 
 from __future__ import annotations
@@ -21,23 +26,29 @@ from __future__ import annotations
 import dataclasses
 import grp
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import click
+from typing import Any
 
 from liveupdate import paths
 from liveupdate.core.policy import Limits
 
-__all__ = ["EXECUTABLE", "GROUP_ID", "OCTAL", "Config", "Option", "click_options", "gid_of"]
+__all__ = [
+    "EXECUTABLE",
+    "GROUP_ID",
+    "OCTAL",
+    "OPTION",
+    "AtLeast",
+    "Config",
+    "Converted",
+    "OneOf",
+    "Option",
+    "gid_of",
+]
 
 #: Key of a :class:`Config` field's metadata that holds its :class:`Option`.
 OPTION = "luod-option"
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def gid_of(group: str) -> int:
@@ -48,59 +59,63 @@ def gid_of(group: str) -> int:
         return grp.getgrnam(group).gr_gid
 
 
-if TYPE_CHECKING:
-    _ToInt = click.ParamType[int, str | int]
-    _ToPath = click.ParamType[str, str]
-else:  # older clicks' ParamType is not generic
-    _ToInt = _ToPath = click.ParamType
+@dataclass(frozen=True)
+class Converted:
+    """A value read by ``convert`` from its text; a ``ValueError`` is the message shown.
+
+    ``name`` is what the help calls such a value.
+    """
+
+    name: str
+    convert: Callable[[str], Any]
 
 
-class _Octal(_ToInt):
-    name = "mode"
+@dataclass(frozen=True)
+class AtLeast:
+    """A number (``kind``) no smaller than ``low``."""
 
-    def convert(
-        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return int(value, 8)
-        except ValueError:
-            self.fail(f"{value!r} is not octal", param, ctx)
+    kind: type[int] | type[float]
+    low: float
 
 
-class _GroupId(_ToInt):
-    name = "group"
+@dataclass(frozen=True)
+class OneOf:
+    """One of ``choices``."""
 
-    def convert(
-        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
-    ) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return gid_of(value)
-        except KeyError:
-            self.fail(f"no group {value!r}", param, ctx)
+    choices: tuple[str, ...]
 
 
-class _Executable(_ToPath):
-    name = "path"
+def _octal(value: str) -> int:
+    try:
+        return int(value, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not octal") from None
 
-    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        # execv does not search PATH (the pre-flight's subprocess would):
-        # resolve now, so both run the same file.
-        resolved = shutil.which(value)
-        if resolved is None:
-            self.fail(f"{value!r} is not an executable", param, ctx)
-        return os.path.abspath(resolved)
+
+def _group_id(value: str) -> int:
+    try:
+        return gid_of(value)
+    except KeyError:
+        raise ValueError(f"no group {value!r}") from None
+
+
+def _executable(value: str) -> str:
+    import shutil  # only for this option, at the command line
+
+    # execv does not search PATH (the pre-flight's subprocess would):
+    # resolve now, so both run the same file.
+    resolved = shutil.which(value)
+    if resolved is None:
+        raise ValueError(f"{value!r} is not an executable")
+    return os.path.abspath(resolved)
 
 
 #: Permission bits in octal (``0660``), read as an int.
-OCTAL = _Octal()
+OCTAL = Converted("mode", _octal)
 #: A group name or gid, read as the gid.
-GROUP_ID = _GroupId()
+GROUP_ID = Converted("group", _group_id)
 #: An executable found like a shell would, read as its absolute path.
-EXECUTABLE = _Executable()
+EXECUTABLE = Converted("path", _executable)
 
 
 @dataclass(frozen=True)
@@ -109,7 +124,9 @@ class Option:
 
     Attributes:
         flag: The option (``--max-files``).
-        params: ``click.option``'s keyword arguments (help, type, ...).
+        params: ``click.option``'s keyword arguments (help, type, ...); a
+            ``type`` is one of this module's (:mod:`~liveupdate.server.options`
+            makes it click's).
         to_arg: Writes the value back as the option's argument; ``None``
             for a flag, given when the value is true.
     """
@@ -174,21 +191,21 @@ class Config:
     max_sessions: int = option(
         "--max-sessions",
         Limits.max_sessions,
-        type=click.IntRange(1),
+        type=AtLeast(int, 1),
         show_default=True,
         help="Most outgoing sessions at once (CREATE_SESSION then fails with ENOMEM).",
     )
     max_files: int = option(
         "--max-files",
         Limits.max_files,
-        type=click.IntRange(1),
+        type=AtLeast(int, 1),
         show_default=True,
         help="Most files in one session (PRESERVE_FD then fails with ENOSPC).",
     )
     max_sessions_per_uid: int = option(
         "--max-sessions-per-uid",
         Limits.max_sessions_per_uid,
-        type=click.IntRange(0),
+        type=AtLeast(int, 0),
         show_default=True,
         help="Most sessions luod holds for one uid, incoming ones included (CREATE_SESSION "
         "then fails with ENOMEM); 0: no quota. uid 0 and luod's own uid are exempt.",
@@ -196,7 +213,7 @@ class Config:
     max_files_per_uid: int = option(
         "--max-files-per-uid",
         Limits.max_files_per_uid,
-        type=click.IntRange(0),
+        type=AtLeast(int, 0),
         show_default=True,
         help="Most files luod holds for one uid over all its sessions (PRESERVE_FD then "
         "fails with ENOSPC); 0: no quota.",
@@ -204,7 +221,7 @@ class Config:
     max_memfd_bytes_per_uid: int = option(
         "--max-memfd-bytes-per-uid",
         Limits.max_memfd_bytes_per_uid,
-        type=click.IntRange(0),
+        type=AtLeast(int, 0),
         show_default=True,
         help="Most bytes of memfd (sizes when preserved) luod holds for one uid "
         "(PRESERVE_FD then fails with ENOSPC); 0: no quota.",
@@ -212,7 +229,7 @@ class Config:
     fd_reserve: int = option(
         "--fd-reserve",
         Limits.fd_reserve,
-        type=click.IntRange(0),
+        type=AtLeast(int, 0),
         show_default=True,
         help="fds of luod's RLIMIT_NOFILE kept for its own work, so that a reboot stays "
         "possible: CREATE_SESSION and PRESERVE_FD that would use them fail with EMFILE.",
@@ -229,14 +246,14 @@ class Config:
     log_format: str = option(
         "--log-format",
         "human",
-        type=click.Choice(["human", "json"]),
+        type=OneOf(("human", "json")),
         show_default=True,
         help="One line per event, readable or JSON.",
     )
     log_level: str = option(
         "--log-level",
         "info",
-        type=click.Choice(["debug", "info", "warning", "error"]),
+        type=OneOf(("debug", "info", "warning", "error")),
         show_default=True,
         help="debug also logs every ioctl and every caller mistake.",
     )
@@ -244,7 +261,7 @@ class Config:
     journal_interval: float = option(
         "--journal-interval",
         1.0,
-        type=click.FloatRange(0),
+        type=AtLeast(float, 0),
         show_default=True,
         help="Seconds between two writes of the journal (STATE_DIR/journal.dtb), which lets "
         "the next start report what was lost if luod is killed; 0 disables it.",
@@ -306,14 +323,28 @@ class Config:
                 args += [spec.flag, spec.to_arg(value)]
         return args
 
+    def to_fields(self) -> dict[str, Any]:
+        """This configuration as a JSON object (what a successor receives)."""
+        return dataclasses.asdict(self)
 
-def click_options(command: F) -> F:
-    """Declare every :class:`Config` field as an option of ``command``.
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Config:
+        """The configuration :meth:`to_fields` wrote (perhaps an older luod's:
+        a field it did not have keeps its default).
 
-    ``command`` gets them as keyword arguments named after the fields, ready
-    for ``Config(**options)``.
-    """
-    for field in reversed(dataclasses.fields(Config)):
-        spec: Option = field.metadata[OPTION]
-        command = click.option(spec.flag, field.name, **spec.params)(command)
-    return command
+        Raises:
+            ValueError: a field this version does not know, or of the wrong type.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}")
+        for name, value in fields.items():
+            default = known[name].default
+            if value is None or default is None or default is dataclasses.MISSING:
+                continue
+            if type(value) is not type(default) and not (
+                isinstance(default, float) and type(value) is int
+            ):
+                raise ValueError(f"option {name}: {value!r} is not a {type(default).__name__}")
+        return cls(**fields)

@@ -2,18 +2,25 @@
 
 It plays the kernel's part: it serves the LUO device on a Unix socket, holds
 every preserved file, and performs its own live update (``luoctl reboot``)
-by re-executing itself with a handover image and the inherited fds.
+by handing a handover image and every fd to its successor, the installed
+luod started ahead of time (:mod:`~liveupdate.server.successor`).
 
 This module starts one generation and wires the pieces together: the
 options (:mod:`~liveupdate.server.config`), the checked state directory and
 its lock (:mod:`~liveupdate.server.safefs`), the cold start's loss report
-(:mod:`~liveupdate.server.lossreport`) or the restore after a re-exec
+(:mod:`~liveupdate.server.lossreport`), the successor's life before it
+serves, or the restore after a ``SIGHUP`` retry's re-exec
 (:mod:`~liveupdate.server.reexec`), the journal, and the transport that
 serves until SIGTERM (:mod:`~liveupdate.server.transport`).
+
+``luod --successor-fd N`` is the quick path of every live update
+(:func:`entry`): no option parsing and no ``click`` (the configuration comes
+over the channel), so a successor imports only what it serves with.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -22,11 +29,9 @@ import resource
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
-
-import click
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry
@@ -37,24 +42,53 @@ from liveupdate.events import event
 from liveupdate.handover_abi import HandoverError
 from liveupdate.handover_codec import decode_image
 from liveupdate.server import systemd
-from liveupdate.server.config import Config, click_options, gid_of
+from liveupdate.server.config import Config, gid_of
 from liveupdate.server.faults import FaultInjector, FaultStep
 from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
 from liveupdate.server.logs import setup_logging
-from liveupdate.server.lossreport import LostReport, find_lost
 from liveupdate.server.preflight import check_image as check_image_main
 from liveupdate.server.preflight import image_problem
 from liveupdate.server.reexec import ReexecDriver, child_environment, restore_from_image
 from liveupdate.server.safefs import StateDir, UnsafePathError
-from liveupdate.server.successor import Handed, Predecessor
+from liveupdate.server.successor import Handed, Predecessor, SuccessorError
 from liveupdate.server.transport import DeviceServer, ServerHooks
 from liveupdate.version import __version__
 
-__all__ = ["Config", "__version__", "main", "raise_nofile_limit"]
+if TYPE_CHECKING:
+    import click
+
+    from liveupdate.server.lossreport import LostReport
+
+__all__ = [
+    "Config",
+    "__version__",
+    "entry",
+    "raise_nofile_limit",
+    "set_process_name",
+    "successor_main",
+]
+
+#: ``prctl(2)``'s option that names the calling thread (``/proc/PID/comm``).
+PR_SET_NAME = 15
+#: What ``pgrep`` and ``ps -o comm`` show for every generation of luod (not ``python``).
+PROCESS_NAME = b"luod"
 
 
 class StartupError(Exception):
     """luod cannot start; the message says why and what to do."""
+
+
+def set_process_name(name: bytes = PROCESS_NAME) -> None:
+    """Name this process ``luod`` (``/proc/PID/comm``), whatever interpreter runs it.
+
+    Each generation is a new ``python`` process; the name makes ``pgrep luod``
+    find the one serving now. Best effort: a failure changes nothing else.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def raise_nofile_limit() -> int:
@@ -250,6 +284,7 @@ def _server_hooks(
             faults,
             journal,
             child_env,
+            successor_config=config.to_fields(),
         )
         return ServerHooks(
             host=driver, on_sighup=driver.retry_restore, on_idle=lambda: journal.tick(server.luo)
@@ -284,18 +319,19 @@ def run(
     config: Config,
     handover: Handover | None = None,
     child_env: dict[str, str] | None = None,
-    successor_fd: int | None = None,
+    predecessor: Predecessor | None = None,
 ) -> int:
     """Serve one generation (cold start, restored from ``handover``, or taken
-    over as the successor on ``successor_fd``) until stopped.
+    over as the successor of ``predecessor``) until stopped.
 
     ``child_env``: the environment of the successor and the re-exec
     (:func:`~liveupdate.server.reexec.child_environment` by default).
     """
+    set_process_name()
     hard = raise_nofile_limit()
     faults = FaultInjector()
     registry = default_registry()
-    lost = LostReport()
+    lost: LostReport | None = None
     state_name = os.path.basename(config.state_file)
     server: DeviceServer | None = None
     journal: Journal | None = None
@@ -318,14 +354,16 @@ def run(
         released_meanwhile=released_meanwhile,
         journal_error=lambda: journal.error if journal is not None else 0,
     )
-    if successor_fd is not None:
-        taken = _take_over(config, successor_fd, registry, faults, luo_hooks)
+    if predecessor is not None:
+        taken = _take_over(config, predecessor, registry, faults, luo_hooks)
         if taken is None:
             return 0  # dismissed (CANCEL), or the hand-over failed: nothing is ours
         ground, luo = taken
     else:
         if handover is None:
             ground = _cold_start(config)
+            from liveupdate.server.lossreport import find_lost  # a cold start's alone
+
             lost = find_lost(ground.state_dir)
         else:
             ground = _inherit(config, handover, faults)
@@ -340,7 +378,7 @@ def run(
         luo, ground.listener, _server_hooks(config, ground, faults, journal, child_env)
     )
     server.install_signal_handlers()
-    restored = (handover is not None or successor_fd is not None) and luo.restore_error is None
+    restored = (handover is not None or predecessor is not None) and luo.restore_error is None
     event(
         "started",
         version=__version__,
@@ -352,7 +390,7 @@ def run(
     )
     # The line operators (and tests) wait for: the socket listens now.
     event("serving", socket=config.socket_path, generation=luo.generation)
-    main_pid = [f"MAINPID={os.getpid()}"] if successor_fd is not None else []
+    main_pid = [f"MAINPID={os.getpid()}"] if predecessor is not None else []
     systemd.notify(*main_pid, "READY=1", f"STATUS=serving generation {luo.generation}")
     try:
         server.serve_forever()
@@ -362,7 +400,11 @@ def run(
 
 
 def _take_over(
-    config: Config, fd: int, registry: HandlerRegistry, faults: FaultInjector, hooks: Hooks
+    config: Config,
+    predecessor: Predecessor,
+    registry: HandlerRegistry,
+    faults: FaultInjector,
+    hooks: Hooks,
 ) -> tuple[Ground, Orchestrator] | None:
     """The successor's life before it serves: check dry-run images until the
     hand-over, restore it, and take over once the old generation lets go.
@@ -370,7 +412,6 @@ def _take_over(
     ``None``: this process never held anything and exits (dismissed, or the
     restore failed: the old generation keeps serving and says why).
     """
-    predecessor = Predecessor(fd)
     try:
         state_dir, state_file_dir, _socket_dir = _open_dirs(config, create=False)
     except (UnsafePathError, OSError) as exc:
@@ -458,7 +499,7 @@ def _first_generation(
     state_dir: StateDir,
     registry: HandlerRegistry,
     faults: FaultInjector,
-    lost: LostReport,
+    lost: LostReport | None,
     hooks: Hooks,
 ) -> Orchestrator:
     """The generation served first: a cold start's, or the one restored from the image."""
@@ -467,8 +508,8 @@ def _first_generation(
             registry,
             config.limits,
             hooks=hooks,
-            lost_sessions=lost.sessions,
-            lost_incomplete=lost.incomplete,
+            lost_sessions=lost.sessions if lost is not None else 0,
+            lost_incomplete=lost.incomplete if lost is not None else False,
         )
     name = os.path.basename(handover.image)
     return restore_from_image(state_dir, name, registry, config.limits, faults, hooks)
@@ -482,7 +523,7 @@ def _write_pid(lock_fd: int) -> None:
 
 def _refuse(message: str) -> NoReturn:
     """A bad option value: one line, exit 2 (as for click's usage errors)."""
-    click.echo(f"luod: {message}", err=True)
+    print(f"luod: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -520,60 +561,130 @@ def _warn_open_socket(mode: int, group: str | None) -> None:
         )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click_options
-@click.option(
-    "--check-image",
-    default=None,
-    metavar="IMAGE",
-    help="Check mode: exit 0 if this version can restore the handover IMAGE, else say why.",
-)
-@click.option("--handover", default=None, hidden=True)
-@click.option("--listen-fd", type=int, default=None, hidden=True)
-@click.option("--lock-fd", type=int, default=None, hidden=True)
-@click.option("--successor-fd", type=int, default=None, hidden=True)
-@click.version_option(__version__, prog_name="luod")
-def main(
-    check_image: str | None,
-    handover: str | None,
-    listen_fd: int | None,
-    lock_fd: int | None,
-    successor_fd: int | None,
-    **options: Any,
-) -> None:
-    """Serve the Live Update Orchestrator device on a Unix socket.
+def _command() -> click.Command:
+    """luod's command line (built on first use: a successor never imports click)."""
+    import click
 
-    luod holds the files that clients preserve in sessions through the LUO
-    ioctl ABI (the same structs as Linux's /dev/liveupdate), and keeps them
-    across its own live update (luoctl reboot). It runs in the foreground;
-    SIGTERM stops it, releasing every session. Under systemd it speaks
-    sd_notify (Type=notify) and accepts a socket-activated listener.
-    """
-    config = Config(**options)
-    _check_socket_options(config)
-    # Every path absolute now: luod leaves its working directory below.
-    config = config.absolute()
-    if check_image is not None:
+    from liveupdate.server.options import click_options
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click_options
+    @click.option(
+        "--check-image",
+        default=None,
+        metavar="IMAGE",
+        help="Check mode: exit 0 if this version can restore the handover IMAGE, else say why.",
+    )
+    @click.option("--handover", default=None, hidden=True)
+    @click.option("--listen-fd", type=int, default=None, hidden=True)
+    @click.option("--lock-fd", type=int, default=None, hidden=True)
+    @click.option("--successor-fd", type=int, default=None, hidden=True)
+    @click.version_option(__version__, prog_name="luod")
+    def main(
+        check_image: str | None,
+        handover: str | None,
+        listen_fd: int | None,
+        lock_fd: int | None,
+        successor_fd: int | None,
+        **options: Any,
+    ) -> None:
+        """Serve the Live Update Orchestrator device on a Unix socket.
+
+        luod holds the files that clients preserve in sessions through the LUO
+        ioctl ABI (the same structs as Linux's /dev/liveupdate), and keeps them
+        across its own live update (luoctl reboot). It runs in the foreground;
+        SIGTERM stops it, releasing every session. Under systemd it speaks
+        sd_notify (Type=notify) and accepts a socket-activated listener.
+        """
+        if successor_fd is not None:
+            # Its configuration comes over the channel; other options are ignored.
+            sys.exit(successor_main(successor_fd))
+        config = Config(**options)
+        _check_socket_options(config)
+        # Every path absolute now: luod leaves its working directory below.
+        config = config.absolute()
+        if check_image is not None:
+            os.chdir("/")
+            sys.exit(check_image_main(check_image, default_registry()))
+        # Children get luod's PYTHONPATH with absolute entries, then nothing of
+        # the caller's working directory: luod (and so each child) runs in "/".
+        child_env = child_environment(python_path=python_path_for_children())
         os.chdir("/")
-        sys.exit(check_image_main(check_image, default_registry()))
-    # Children get luod's PYTHONPATH with absolute entries, then nothing of
-    # the caller's working directory: luod (and so each child) runs in "/".
-    child_env = child_environment(python_path=python_path_for_children())
-    os.chdir("/")
-    setup_logging(config.log_format, config.log_level)
-    _warn_open_socket(config.socket_mode, config.socket_group)
-    inherited = None
-    if handover is not None:
-        if listen_fd is None or lock_fd is None:
-            raise click.UsageError("--handover needs --listen-fd and --lock-fd")
-        inherited = Handover(handover, listen_fd, lock_fd)
+        setup_logging(config.log_format, config.log_level)
+        _warn_open_socket(config.socket_mode, config.socket_group)
+        inherited = None
+        if handover is not None:
+            if listen_fd is None or lock_fd is None:
+                raise click.UsageError("--handover needs --listen-fd and --lock-fd")
+            inherited = Handover(handover, listen_fd, lock_fd)
+        _serve(config, inherited, child_env)
+
+    return main
+
+
+def _serve(
+    config: Config,
+    handover: Handover | None,
+    child_env: dict[str, str],
+    predecessor: Predecessor | None = None,
+) -> NoReturn:
     try:
-        sys.exit(run(config, inherited, child_env, successor_fd))
+        sys.exit(run(config, handover, child_env, predecessor))
     except StartupError as exc:
         event("startup-failed", logging.ERROR, reason=str(exc))
-        click.echo(f"luod: {exc}", err=True)
+        print(f"luod: {exc}", file=sys.stderr)
         sys.exit(1)
 
 
+def successor_main(fd: int) -> int:
+    """``luod --successor-fd N``: a successor, configured by the old generation.
+
+    It is started in ``/`` with the environment luod builds for its children
+    (:func:`~liveupdate.server.reexec.child_environment`), and reads its
+    configuration from the channel (what :meth:`Config.to_fields` wrote, from
+    a luod that checked it): no option parsing, no ``click``.
+    """
+    set_process_name()
+    os.chdir("/")
+    predecessor = Predecessor(fd)
+    try:
+        fields = predecessor.configuration()
+        if fields is None:
+            return 0  # the old generation went away before saying anything
+        config = Config.from_fields(fields)
+    except SuccessorError as exc:
+        predecessor.say("failed", reason=f"the next luod: {exc.strerror}")
+        return 1
+    except (TypeError, ValueError) as exc:
+        predecessor.say("failed", reason=f"the next luod cannot use the configuration: {exc}")
+        return 1
+    setup_logging(config.log_format, config.log_level)
+    _warn_open_socket(config.socket_mode, config.socket_group)
+    child_env = child_environment(python_path=python_path_for_children())
+    _serve(config, None, child_env, predecessor)
+
+
+def entry(argv: Sequence[str] | None = None) -> None:
+    """Run luod: ``--successor-fd N`` alone starts a successor without parsing
+    any option (the quick path of every live update), anything else is the
+    command line (:data:`main`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 2 and args[0] == "--successor-fd" and args[1].isdigit():
+        sys.exit(successor_main(int(args[1])))
+    if argv is None:
+        _command()()
+    else:
+        _command()(args)
+
+
+def __getattr__(name: str) -> Any:
+    # ``main``, the click command (console script, tests), built when asked for.
+    if name == "main":
+        command = _command()
+        globals()["main"] = command
+        return command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":
-    main()
+    entry()

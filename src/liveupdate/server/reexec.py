@@ -1,25 +1,29 @@
-"""The re-exec driver: luod's live update, the re-exec that plays the kexec.
+"""The reboot driver: luod's live update, the hand-over that plays the kexec.
 
 :class:`ReexecDriver` is the :class:`~liveupdate.core.reboot.RebootHost` of a
 running luod. The core decides, freezes and orders the steps; the driver
 does what touches the outside world, in this order:
 
-1. the *pre-flight* (:mod:`liveupdate.server.preflight`): the code that runs
-   next must read a dry-run image of this generation, or PREPARE fails;
+1. the *pre-flight* (:mod:`liveupdate.server.preflight`): the successor
+   (:mod:`liveupdate.server.successor`, started now unless PREPARE started
+   it) must read a dry-run image of this generation, or PREPARE fails;
 2. the *intent* (:meth:`~ReexecDriver.begin_reboot`): what is about to be
    handed over, on disk before anything is frozen (the journal brought up to
    date plus the ``reboot-in-progress`` marker), so that a crash from here on
    is reported by the next cold start (:mod:`liveupdate.server.lossreport`);
 3. the *handover image* (``STATE_DIR/handover.dtb``), written atomically once
    everything is frozen (:meth:`~ReexecDriver.commit_reboot`);
-4. the *re-exec*, deferred by the transport until the REBOOT's reply is out:
-   every preserved fd, the listening socket and the lock are inherited by
-   ``execve`` of the installed luod, so clients' connection attempts wait in
-   the backlog instead of being refused. ``--no-exec`` (or a failed exec)
-   builds the next generation in-process, from the same image file through
-   the same function (:func:`restore_from_image`).
+4. the *hand-over*, before the REBOOT's reply: every preserved fd, the
+   listening socket and the lock are sent to the successor, which restores
+   them (a failure rolls back); after the reply the successor is told to
+   serve and this process exits, so clients' connection attempts wait in
+   the backlog instead of being refused. ``--no-exec`` (or a successor that
+   died after its restore) builds the next generation in-process, from the
+   same image file through the same function (:func:`restore_from_image`).
+   A generation whose in-process restore failed re-executes the installed
+   luod on ``SIGHUP`` (:meth:`~ReexecDriver.retry_restore`).
 
-Both children (the pre-flight and the re-exec) run only installed code: the
+Every child (the successor, the re-exec of a retry) runs only installed code: the
 command luod was given (``luod.default_exec_argv`` says which), in ``/``,
 with the environment :func:`child_environment` builds instead of luod's
 own. Every file is reached through the checked state directory fd
@@ -36,7 +40,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry, PreservedFile
@@ -122,6 +126,8 @@ class ReexecDriver:
         faults: The crash-safety tests' fault injection.
         journal: Brought up to date as the intent of a reboot (else an image is).
         env: The children's environment (:func:`child_environment` by default).
+        successor_config: luod's configuration as the successor receives it
+            (:meth:`~liveupdate.server.config.Config.to_fields`).
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class ReexecDriver:
         faults: FaultInjector | None = None,
         journal: Journal | None = None,
         env: Mapping[str, str] | None = None,
+        successor_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.transport = transport
         self.registry = registry
@@ -144,6 +151,7 @@ class ReexecDriver:
         self.env = dict(env) if env is not None else child_environment()
         self.exec_argv = list(exec_argv)
         self.daemon_args = list(daemon_args)
+        self.successor_config = dict(successor_config or {})
         self.lock_fd = lock_fd
         self.faults = faults or FaultInjector()
         self.journal = journal
@@ -187,7 +195,7 @@ class ReexecDriver:
             return self.successor
         self.stop_successor()
         try:
-            self.successor = Successor.start([*self.exec_argv, *self.daemon_args], self.env)
+            self.successor = Successor.start(self.exec_argv, self.env, self.successor_config)
         except OSError as exc:
             raise OSError(errno.EIO, f"pre-flight failed: {exc.strerror}") from None
         return self.successor

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from collections import deque
 
@@ -162,7 +161,7 @@ class StateDir:
         """
         self._name(name)
         while True:
-            tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
             try:
                 fd = os.open(
                     tmp,

@@ -5,8 +5,10 @@ reboot; luod does the same. PREPARE (or a REBOOT from NORMAL, in one go)
 starts the installed luod as a *successor* process: the same command as any
 child of luod (``python -P -m liveupdate.server.luod``, in ``/``, with the
 environment :func:`~liveupdate.server.reexec.child_environment` builds),
-plus ``--successor-fd N``, one end of a socketpair the old generation keeps
-the other end of. The successor imports everything, checks dry-run images
+with nothing but ``--successor-fd N``, one end of a socketpair the old
+generation keeps the other end of; its configuration is the first message
+on it (JSON, not options: ``luod --successor-fd N`` never imports the
+command line's ``click``). The successor imports everything, checks dry-run images
 (the pre-flight) and waits. At REBOOT the old generation freezes, writes the
 image and *hands over* every fd; the successor restores, and takes over the
 listening socket, the lock and the state directory once the old one said so.
@@ -15,6 +17,7 @@ The conversation, one ``SOCK_SEQPACKET`` message each (a JSON object; fds
 ride along as ``SCM_RIGHTS``, at most :data:`MAX_FDS_PER_MESSAGE` a message)::
 
     successor                                   old generation
+                                       <----    config {fields}     (at its start)
     ready {pid}  or  failed {reason}   ---->    (PREPARE answers)
                                        <----    check {image}       (a session changed)
     ready  or  failed {reason}         ---->
@@ -138,12 +141,17 @@ class Successor:
         return self.proc.pid
 
     @classmethod
-    def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> Successor:
-        """Start ``argv --successor-fd N`` and wait until it is ready (imported)."""
+    def start(
+        cls, argv: Sequence[str], env: Mapping[str, str], config: Mapping[str, Any]
+    ) -> Successor:
+        """Start ``argv --successor-fd N``, send it ``config`` (luod's
+        :meth:`~liveupdate.server.config.Config.to_fields`) and wait until it
+        is ready (imported)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [*argv, "--successor-fd", str(theirs.fileno())]
         try:
             proc = subprocess.Popen(
-                [*argv, "--successor-fd", str(theirs.fileno())],
+                command,
                 cwd="/",
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -155,8 +163,12 @@ class Successor:
         finally:
             theirs.close()
         successor = cls(proc, Channel(ours))
-        event("successor-started", successor=proc.pid, argv=" ".join(argv))
+        event("successor-started", successor=proc.pid, argv=" ".join(command))
         try:
+            try:
+                successor.channel.send("config", fields=dict(config))
+            except OSError:
+                pass  # it is gone already: what comes next says how it ended
             successor._expect("ready", READY_TIMEOUT)
         except SuccessorError:
             successor.stop()
@@ -261,6 +273,21 @@ class Predecessor:
     def __init__(self, fd: int) -> None:
         os.set_inheritable(fd, False)
         self.channel = Channel(socket.socket(fileno=fd))
+
+    def configuration(self) -> dict[str, Any] | None:
+        """The configuration the old generation sent first (``None``: it is gone).
+
+        Raises :class:`SuccessorError` on anything else.
+        """
+        received = self.channel.recv()
+        if received is None:
+            return None
+        body, fds = received
+        wire.close_fds(fds)
+        fields = body.get("fields")
+        if body["kind"] != "config" or not isinstance(fields, dict):
+            raise SuccessorError(f"expected the configuration, got {body['kind']!r}")
+        return fields
 
     def say(self, kind: str, **fields: Any) -> bool:
         """Send ``kind``; ``False`` when the old generation is gone."""

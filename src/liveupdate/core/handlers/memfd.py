@@ -16,7 +16,6 @@ after the freeze is carried over too.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -32,7 +31,8 @@ TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL): libc is already loaded (ctypes.util would import subprocess & co.).
+_libc = ctypes.CDLL(None, use_errno=True)
 # struct statfs starts with `long f_type`; 120 bytes is its size on 64-bit.
 _STATFS_SIZE = 120
 
