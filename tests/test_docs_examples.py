@@ -5,6 +5,8 @@
 * ``docs/_ext/luo_uapi.py`` accepts the struct docs of ``liveupdate.uapi``
   and fails the build (``ExtensionError``) on every way a doc can break rule 5.
 * ``docs/conf.py``'s glob expansion of the root toctrees.
+* ``examples/roundtrip.py``, the README's round trip, runs verbatim against a
+  real luod (it reboots luod itself) and the README tells to run it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import doctest
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -21,8 +24,11 @@ from typing import Any
 import pytest
 
 from liveupdate import uapi
+from luodtest import Luod, events
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+ROUNDTRIP = REPO / "examples" / "roundtrip.py"
 
 pytest.importorskip("sphinx")
 sys.path.insert(0, str(DOCS / "_ext"))
@@ -384,3 +390,76 @@ def test_conf_values() -> None:
     assert "luo_uapi" in conf.extensions
     assert "myst_parser" in conf.extensions
     assert "_build" in conf.exclude_patterns
+
+
+# ---------------------------------------------------------------------------
+# The README's round trip: examples/roundtrip.py
+# ---------------------------------------------------------------------------
+
+
+def _run_roundtrip(luod: Luod, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in luod.env.items() if k != "LIVEUPDATE_DEVICE"}
+    return subprocess.run(
+        [sys.executable, str(ROUNDTRIP), *args],
+        env={**env, "LIVEUPDATE_DEVICE": luod.socket},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_roundtrip_example_reboots_luod_and_reads_the_memfd_back(luod: Luod) -> None:
+    result = _run_roundtrip(luod)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "generation 1: preserved b'hello liveupdate' as 'vm-memory' token 0x1a",
+        "generation 2: retrieved b'hello liveupdate'",
+        "round trip ok",
+    ]
+    # luod really rebooted, and the session was finished, not left behind.
+    with luod.open() as dev:
+        info = dev.get_state()
+    assert (info.generation, info.state) == (2, uapi.LuodState.NORMAL)
+    assert (info.incoming_sessions, info.outgoing_sessions, info.preserved_files) == (0, 0, 0)
+    assert events(luod, "restored", generation=2, sessions=1, files=1)
+
+
+def test_roundtrip_example_takes_the_device_as_an_argument(luod: Luod) -> None:
+    env = {k: v for k, v in luod.env.items() if k != "LIVEUPDATE_DEVICE"}
+    result = subprocess.run(
+        [sys.executable, str(ROUNDTRIP), luod.socket],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "round trip ok"
+
+
+def test_roundtrip_example_fails_cleanly_without_luod(tmp_path: Path) -> None:
+    missing = tmp_path / "no-luod" / "device"
+    result = subprocess.run(
+        [sys.executable, str(ROUNDTRIP), str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("roundtrip: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_readme_runs_the_roundtrip_script_verbatim() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    script = ROUNDTRIP.read_text(encoding="utf-8")
+    assert ".venv/bin/python examples/roundtrip.py" in readme
+    # The Python the README shows is the script's own code, not a second copy
+    # that could drift: every line of its python block is in the script.
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+    assert blocks, "the README shows the round trip's code"
+    for line in blocks[0].splitlines():
+        assert line.strip() in script, f"README line not in examples/roundtrip.py: {line!r}"

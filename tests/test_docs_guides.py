@@ -12,7 +12,10 @@ The command line is introspected (the click objects of ``luod`` and
   sets;
 * ``docs/guides/client.md``'s error table gives every error class with
   every errno that maps to it;
-* ``docs/api/client.md`` renders every public name of ``liveupdate``.
+* ``docs/api/client.md`` renders every public name of ``liveupdate``;
+* every command and option of ``luod`` and ``luoctl``, walking click's
+  command tree and reading the real ``--help`` output of each command, is in
+  the docs, with every value of a choice option.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 import liveupdate
 from liveupdate import paths
@@ -183,3 +187,115 @@ def test_api_reference_renders_every_public_name() -> None:
 def test_autodoc_is_enabled() -> None:
     conf = _read(DOCS / "conf.py")
     assert re.search(r"^\s*\"sphinx\.ext\.autodoc\",", conf, re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------
+# Every command and option of luod and luoctl appears in the docs
+# ---------------------------------------------------------------------------
+
+
+def _walk(
+    command: click.Command, path: tuple[str, ...]
+) -> list[tuple[tuple[str, ...], click.Command]]:
+    """``(path, command)`` for ``command`` and every command below it, depth first."""
+    found = [(path, command)]
+    if isinstance(command, click.Group):
+        for name in sorted(command.commands):
+            found += _walk(command.commands[name], (*path, name))
+    return found
+
+
+LUOCTL_TREE = _walk(luoctl_main, ())
+
+
+def _help_text(command: click.Command, argv: list[str]) -> str:
+    result = CliRunner().invoke(command, [*argv, "--help"], prog_name="luoctl")
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _help_options(text: str) -> set[str]:
+    """The option strings the ``Options:`` block of a ``--help`` text lists."""
+    block = text.split("Options:", 1)[1]
+    block = block.split("\nCommands:", 1)[0]
+    found: set[str] = set()
+    for line in block.splitlines():
+        # An option's line opens with it (two spaces in); continuations are indented more.
+        match = re.match(r"^  (-[^ ].*?)(?:  |$)", line)
+        if match:
+            found.update(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", match.group(1)))
+    return found
+
+
+def _section_of(path: tuple[str, ...]) -> str:
+    sections = _sections(_read(GUIDES / "luoctl.md"))
+    if not path:
+        return sections["Global options"]
+    return sections[" ".join(path)]
+
+
+def test_luoctl_command_tree_is_walked_whole() -> None:
+    paths = {" ".join(path) for path, _ in LUOCTL_TREE if path}
+    assert paths == set(luoctl_main.commands) | {
+        f"{name} {sub}"
+        for name, cmd in luoctl_main.commands.items()
+        if isinstance(cmd, click.Group)
+        for sub in cmd.commands
+    }
+    assert {"run", "reboot", "inspect"} <= paths
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), LUOCTL_TREE, ids=[" ".join(p) or "luoctl" for p, _ in LUOCTL_TREE]
+)
+def test_every_option_luoctl_help_shows_is_in_the_luoctl_guide(
+    path: tuple[str, ...], command: click.Command
+) -> None:
+    """``luoctl [COMMAND] --help``, as a user reads it, against the guide's section."""
+    shown = _help_options(_help_text(luoctl_main, list(path)))
+    assert shown, "no option parsed from --help: the parser is out of date"
+    assert shown == _visible_options(command), "--help and click's parameters disagree"
+    body = _section_of(path)
+    if path:
+        # -h/--help of each command is documented once, with the global options.
+        assert "every command has its own `--help`" in _section_of(())
+        shown -= {"-h", "--help"}
+    for option in shown:
+        assert _mentions(body, option), f"luoctl {' '.join(path)} {option}: not in luoctl.md"
+    for argument in _arguments(command):
+        assert re.search(rf"\b{argument}\b", body), f"luoctl {' '.join(path)}: {argument}"
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), LUOCTL_TREE, ids=[" ".join(p) or "luoctl" for p, _ in LUOCTL_TREE]
+)
+def test_every_choice_of_a_luoctl_option_is_in_the_luoctl_guide(
+    path: tuple[str, ...], command: click.Command
+) -> None:
+    body = _section_of(path)
+    for param in command.params:
+        if isinstance(param, click.Option) and isinstance(param.type, click.Choice):
+            for choice in param.type.choices:
+                assert f"{choice}" in body, f"luoctl {' '.join(path)} {param.opts[0]} {choice}"
+
+
+def test_every_luoctl_command_is_named_in_the_docs_outside_its_guide_too() -> None:
+    """The operator's guide shows every command in use."""
+    text = _read(GUIDES / "operations.md")
+    for path, _ in LUOCTL_TREE:
+        if path:
+            assert f"luoctl {' '.join(path)}" in text, (
+                f"luoctl {' '.join(path)}: not in operations.md"
+            )
+
+
+def test_every_option_luod_help_shows_is_in_the_luod_guide() -> None:
+    shown = _help_options(_help_text(luod_main, []))
+    assert shown == _visible_options(luod_main), "--help and click's parameters disagree"
+    options = _sections(_read(GUIDES / "luod.md"))["Options"]
+    for option in shown:
+        assert _mentions(options, option), f"luod {option}: not in luod.md"
+    for param in luod_main.params:
+        if isinstance(param, click.Option) and isinstance(param.type, click.Choice):
+            for choice in param.type.choices:
+                assert choice in options, f"luod {param.opts[0]} {choice}: not in luod.md"

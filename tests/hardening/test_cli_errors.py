@@ -129,7 +129,7 @@ def test_inspect_follows_a_symlink_to_an_image(tmp_path: Path) -> None:
     link.symlink_to(image)
     result = run_luoctl("inspect", str(link))
     assert result.returncode == 0, result.stderr
-    assert "liveupdate-number 3, 1 sessions" in result.stdout
+    assert "liveupdate-number 3, 1 session" in result.stdout
 
 
 def test_inspect_max_size_must_be_positive(tmp_path: Path) -> None:

@@ -38,6 +38,11 @@ class Context:
             console.print(text, highlight=False)
 
 
+def count(n: int, noun: str) -> str:
+    """``1 session``, ``2 sessions``: how many of ``noun``, in words a reader expects."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def fail(exc: OSError, status: int = 1) -> NoReturn:
     """One line on stderr: what failed and why, the errno, what to do; then exit."""
     name = errno.errorcode.get(exc.errno or 0, "?")

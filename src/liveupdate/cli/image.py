@@ -20,7 +20,7 @@ import click
 from rich.table import Table
 
 import liveupdate
-from liveupdate.cli.context import Context, console, fail
+from liveupdate.cli.context import Context, console, count, fail
 from liveupdate.client.errors import error_from_errno, file_kind
 from liveupdate.handler_abi import describe_data
 
@@ -122,7 +122,7 @@ def inspect(obj: Context, image: Path, max_size: int) -> None:
         return
     console.print(
         f"handover image v{decoded.version}, liveupdate-number {decoded.liveupdate_number}, "
-        f"{len(decoded.sessions)} sessions"
+        f"{count(len(decoded.sessions), 'session')}"
         + (f", written by {decoded.writer}" if decoded.writer else ""),
         highlight=False,
     )

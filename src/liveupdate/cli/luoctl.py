@@ -22,7 +22,7 @@ from rich.table import Table
 
 import liveupdate
 from liveupdate import uapi
-from liveupdate.cli.context import Context, console, fail
+from liveupdate.cli.context import Context, console, count, fail
 from liveupdate.cli.image import inspect
 from liveupdate.client.device import StateInfo
 from liveupdate.client.errors import error_from_errno
@@ -185,7 +185,7 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
         {"old_generation": old, "new_generation": new.generation, "seconds": elapsed,
          "state": new.state.name.lower(), "incoming_sessions": new.incoming_sessions},
         f"rebooted: generation {old} -> {new.generation} in {elapsed:.3f} s "
-        f"({new.incoming_sessions} incoming sessions)",
+        f"({count(new.incoming_sessions, 'incoming session')})",
     )  # fmt: skip
 
 
@@ -398,7 +398,7 @@ def sessions(obj: Context, name: str | None) -> None:
             )
     state = listing.state.name.lower()
     console.print(
-        f"generation {listing.generation}, {state}, {len(listing.sessions)} sessions"
+        f"generation {listing.generation}, {state}, {count(len(listing.sessions), 'session')}"
         + (f" ({listing.hidden} of other users hidden)" if listing.hidden else ""),
         highlight=False,
     )

@@ -39,7 +39,7 @@ from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import Hooks, LuoState, Orchestrator
 from liveupdate.core.session import Session
 from liveupdate.events import event
-from liveupdate.handover_abi import HandoverError
+from liveupdate.handover_abi import HandoverError, HandoverImage
 from liveupdate.handover_codec import decode_image
 from liveupdate.server import systemd
 from liveupdate.server.config import Config, gid_of
@@ -47,7 +47,7 @@ from liveupdate.server.faults import FaultInjector, FaultStep
 from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
 from liveupdate.server.logs import setup_logging
 from liveupdate.server.preflight import check_image as check_image_main
-from liveupdate.server.preflight import image_problem
+from liveupdate.server.preflight import unknown_handlers
 from liveupdate.server.reexec import ReexecDriver, child_environment, restore_from_image
 from liveupdate.server.safefs import StateDir, UnsafePathError
 from liveupdate.server.successor import Handed, Predecessor, SuccessorError
@@ -419,6 +419,7 @@ def _take_over(
         return None
     faults.point(FaultStep.SUCCESSOR_STARTED)
     predecessor.say("ready", pid=os.getpid(), version=__version__)
+    checked: Checked | None = None
     while True:
         request = predecessor.next_request()
         if request is None:
@@ -426,10 +427,7 @@ def _take_over(
             return None
         if isinstance(request, Handed):
             break
-        try:
-            problem = image_problem(state_dir.read(request), registry)
-        except (OSError, UnsafePathError) as exc:
-            problem = f"cannot read the pre-flight image {state_dir.show(request)}: {exc}"
+        problem, checked = _check_dry_run(state_dir, request, registry)
         if problem is None:
             predecessor.say("ready")
         else:
@@ -437,7 +435,7 @@ def _take_over(
             predecessor.say("failed", reason=problem)
     handed = request
     try:
-        luo = _restore_handed(state_dir, handed, registry, config, faults, hooks)
+        luo = _restore_handed(state_dir, handed, registry, config, faults, hooks, checked)
     except (OSError, HandoverError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         event("restore-failed", logging.ERROR, image=state_dir.show(IMAGE_NAME), reason=reason)
@@ -465,6 +463,31 @@ def _take_over(
     return Ground(state_dir, state_file_dir, handed.lock_fd, listener), luo
 
 
+@dataclass
+class Checked:
+    """The dry-run image a successor last found restorable: its bytes, decoded."""
+
+    data: bytes
+    image: HandoverImage
+
+
+def _check_dry_run(
+    state_dir: StateDir, name: str, registry: HandlerRegistry
+) -> tuple[str | None, Checked | None]:
+    """The pre-flight in the successor: why the dry-run image ``name`` could
+    not be restored (``None``: it can, and it is returned, decoded)."""
+    try:
+        data = state_dir.read(name)
+    except (OSError, UnsafePathError) as exc:
+        return f"cannot read the pre-flight image {state_dir.show(name)}: {exc}", None
+    try:
+        image = decode_image(data)
+    except HandoverError as exc:
+        return f"cannot read the handover image: {exc}", None
+    problem = unknown_handlers(image, registry)
+    return problem, Checked(data, image) if problem is None else None
+
+
 def _restore_handed(
     state_dir: StateDir,
     handed: Handed,
@@ -472,14 +495,20 @@ def _restore_handed(
     config: Config,
     faults: FaultInjector,
     hooks: Hooks,
+    checked: Checked | None = None,
 ) -> Orchestrator:
     """The next generation from the image on disk and the fds just received.
 
     The image names the old generation's fd numbers; each is replaced by the
     number the same file has here (a file the image names but that was not
     handed over fails the restore, like a missing inherited fd).
+
+    An image byte for byte the dry-run one checked last (``checked``: a
+    REBOOT with nothing changed since PREPARE) is not decoded again: the
+    same bytes were read by the same decoder moments ago.
     """
-    image = decode_image(state_dir.read(IMAGE_NAME))
+    data = state_dir.read(IMAGE_NAME)
+    image = checked.image if checked is not None and checked.data == data else decode_image(data)
     for session in image.sessions:
         for file in session.files:
             if file.fd >= 0:

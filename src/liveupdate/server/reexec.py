@@ -158,6 +158,8 @@ class ReexecDriver:
         self.started_at = 0.0
         #: The next generation, started ahead of the reboot (PREPARE).
         self.successor: Successor | None = None
+        #: The dry-run image the successor last checked, and its bytes.
+        self.dry_run: tuple[HandoverImage, bytes] | None = None
         #: Who writes the images (``luoctl inspect`` shows it).
         self.writer = f"luod pid {os.getpid()}"
 
@@ -171,8 +173,9 @@ class ReexecDriver:
         """The pre-flight, by the successor: started now unless one already waits."""
         image.writer = self.writer
         name = f".preflight.{os.getpid()}.dtb"
+        data = encode_image(image)
         try:
-            self.dir.write_atomic(name, encode_image(image))
+            self.dir.write_atomic(name, data)
         except OSError as exc:
             raise OSError(
                 exc.errno,
@@ -187,6 +190,13 @@ class ReexecDriver:
                 raise OSError(errno.EIO, f"pre-flight failed: {exc.strerror}") from None
         finally:
             self.dir.unlink(name)
+        # What PREPARE checked is kept: a REBOOT that follows with nothing
+        # changed hands over these very bytes instead of encoding them again.
+        self.dry_run = (image, data)
+        # The journal is brought up to date now, out of the reboot's
+        # blackout: its flush in begin_reboot then has nothing left to write.
+        if self.journal is not None:
+            self.journal.flush(self.transport.luo)
         event("preflight-passed", sessions=len(image.sessions), successor=successor.pid)
 
     def _waiting_successor(self) -> Successor:
@@ -203,6 +213,7 @@ class ReexecDriver:
     def stop_successor(self) -> None:
         """No successor waits any more (CANCEL, a failed reboot, a stop)."""
         successor, self.successor = self.successor, None
+        self.dry_run = None
         if successor is not None:
             successor.stop()
 
@@ -242,7 +253,7 @@ class ReexecDriver:
 
     def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
         image.writer = self.writer
-        self.dir.write_atomic(IMAGE_NAME, encode_image(image))
+        self.dir.write_atomic(IMAGE_NAME, self._image_bytes(image))
         self.faults.point(FaultStep.AFTER_IMAGE)
         if no_exec:
             self.stop_successor()
@@ -266,6 +277,14 @@ class ReexecDriver:
             raise OSError(errno.EIO, f"the next generation failed: {exc.strerror}") from None
         self.transport.defer(self._switch_to_successor)
 
+    def _image_bytes(self, image: HandoverImage) -> bytes:
+        """The encoded ``image``: the dry-run's bytes when it is the image the
+        successor checked (the encoding is deterministic: equal images give
+        equal bytes, and comparing records costs a fraction of encoding them)."""
+        if self.dry_run is not None and self.dry_run[0] == image:
+            return self.dry_run[1]
+        return encode_image(image)
+
     def _forget_intent(self) -> None:
         self.dir.unlink(IMAGE_NAME)
         self.dir.unlink(MARKER_NAME)
@@ -274,9 +293,6 @@ class ReexecDriver:
 
     def _switch_to_successor(self) -> None:
         """After the REBOOT's reply: let the successor serve, then end this process."""
-        # The old generation's device and session fds die here: clients see
-        # ENODEV. The files stay held (by both processes, for a moment).
-        self.transport.close_connections()
         systemd.notify("STATUS=live update in progress")
         self.faults.point(FaultStep.BEFORE_EXEC)
         successor, self.successor = self.successor, None
@@ -287,9 +303,16 @@ class ReexecDriver:
             # itself from the same image and fds.
             successor.stop()
             event("successor-failed", logging.ERROR, fallback="in-process")
+            self.transport.close_connections()
             self.restore_in_process()
             return
         elapsed = time.monotonic() - self.started_at
+        # The old generation's device and session fds die only now (clients
+        # see ENODEV), while the successor already serves: closing 2000
+        # connections, each drained first, is no part of the blackout. They
+        # are this process's sockets alone, no request is served here any
+        # more, and the files they named stay held by the successor.
+        self.transport.close_connections()
         event("handed-over", successor=successor.pid, seconds=round(elapsed, 6))
         # The service manager follows the successor (the unit needs
         # NotifyAccess=all for the successor's own notifications).

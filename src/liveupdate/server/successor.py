@@ -22,9 +22,10 @@ ride along as ``SCM_RIGHTS``, at most :data:`MAX_FDS_PER_MESSAGE` a message)::
                                        <----    check {image}       (a session changed)
     ready  or  failed {reason}         ---->
                                        <----    fds {numbers, last} + SCM_RIGHTS, ...
-    restored  or  failed {reason}      ---->    (the REBOOT answers, connections close)
+    restored  or  failed {reason}      ---->    (the REBOOT answers)
                                        <----    serve
-    serving                            ---->    (the old generation exits)
+    serving                            ---->    (the old generation closes its
+                                                 connections and exits)
 
 Who holds the files at every moment decides what a SIGKILL does
 (``docs/concepts/crash-safety.md``): the old generation until the successor
