@@ -44,11 +44,16 @@ from liveupdate.handover_codec import decode_image
 from liveupdate.server import systemd
 from liveupdate.server.config import Config, gid_of
 from liveupdate.server.faults import FaultInjector, FaultStep
-from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
+from liveupdate.server.journal import IMAGE_NAME, MARKER_NAME, Journal
 from liveupdate.server.logs import setup_logging
 from liveupdate.server.preflight import check_image as check_image_main
-from liveupdate.server.preflight import unknown_handlers
-from liveupdate.server.reexec import ReexecDriver, child_environment, restore_from_image
+from liveupdate.server.preflight import read_dry_run
+from liveupdate.server.reexec import (
+    ReexecDriver,
+    child_environment,
+    restore_from_image,
+    settle_restored,
+)
 from liveupdate.server.safefs import StateDir, UnsafePathError
 from liveupdate.server.successor import Handed, Predecessor, SuccessorError
 from liveupdate.server.transport import DeviceServer, ServerHooks
@@ -450,15 +455,7 @@ def _take_over(
     predecessor.close()
     for each in (handed.listener_fd, handed.lock_fd):
         os.set_inheritable(each, False)
-    # The image is this generation's now: kept for inspection, the reboot is over.
-    state_dir.rename(IMAGE_NAME, LAST_IMAGE_NAME)
-    state_dir.unlink(MARKER_NAME)
-    event(
-        "restored",
-        generation=luo.generation,
-        sessions=len(luo.sessions.incoming),
-        files=luo.sessions.file_count,
-    )
+    settle_restored(state_dir, IMAGE_NAME, luo)
     listener = socket.socket(fileno=handed.listener_fd)
     return Ground(state_dir, state_file_dir, handed.lock_fd, listener), luo
 
@@ -480,12 +477,8 @@ def _check_dry_run(
         data = state_dir.read(name)
     except (OSError, UnsafePathError) as exc:
         return f"cannot read the pre-flight image {state_dir.show(name)}: {exc}", None
-    try:
-        image = decode_image(data)
-    except HandoverError as exc:
-        return f"cannot read the handover image: {exc}", None
-    problem = unknown_handlers(image, registry)
-    return problem, Checked(data, image) if problem is None else None
+    problem, image = read_dry_run(data, registry)
+    return problem, None if image is None else Checked(data, image)
 
 
 def _restore_handed(

@@ -7,7 +7,7 @@ NORMAL) first asks it, on a dry-run image of the sessions luod holds (no fd
 in it is used):
 
 * the successor (:mod:`liveupdate.server.successor`), the installed luod
-  started ahead of the reboot, runs :func:`image_problem` on every dry-run
+  started ahead of the reboot, runs :func:`read_dry_run` on every dry-run
   image the old generation writes; a problem fails PREPARE with ``EIO`` and
   the reason, and the state stays NORMAL;
 * ``luod --check-image IMAGE`` (:func:`check_image`) runs the same check as a
@@ -26,7 +26,7 @@ from liveupdate.core.file import HandlerRegistry
 from liveupdate.handover_abi import HandoverError, HandoverImage
 from liveupdate.handover_codec import decode_image
 
-__all__ = ["check_image", "image_problem", "unknown_handlers"]
+__all__ = ["check_image", "read_dry_run", "unknown_handlers"]
 
 
 def unknown_handlers(image: HandoverImage, registry: HandlerRegistry) -> str | None:
@@ -47,8 +47,9 @@ def unknown_handlers(image: HandoverImage, registry: HandlerRegistry) -> str | N
     )
 
 
-def image_problem(data: bytes, registry: HandlerRegistry) -> str | None:
-    """Why this version could not restore the image ``data`` (``None``: it can).
+def read_dry_run(data: bytes, registry: HandlerRegistry) -> tuple[str | None, HandoverImage | None]:
+    """Why this version could not restore the image ``data`` (``None``: it can),
+    and the image as decoded when it can (kept for the restore).
 
     The same full read as the restore (libfdt's ``fdt_check_full``, then every
     schema rule), plus a handler for every file.
@@ -56,8 +57,9 @@ def image_problem(data: bytes, registry: HandlerRegistry) -> str | None:
     try:
         image = decode_image(data)
     except HandoverError as exc:
-        return f"cannot read the handover image: {exc}"
-    return unknown_handlers(image, registry)
+        return f"cannot read the handover image: {exc}", None
+    problem = unknown_handlers(image, registry)
+    return problem, image if problem is None else None
 
 
 def check_image(path: str, registry: HandlerRegistry) -> int:

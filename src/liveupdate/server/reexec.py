@@ -55,7 +55,13 @@ from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, 
 from liveupdate.server.safefs import StateDir
 from liveupdate.server.successor import Successor
 
-__all__ = ["ReexecDriver", "Transport", "child_environment", "restore_from_image"]
+__all__ = [
+    "ReexecDriver",
+    "Transport",
+    "child_environment",
+    "restore_from_image",
+    "settle_restored",
+]
 
 #: PATH of luod's children: the system's directories, never the caller's.
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -429,6 +435,18 @@ def restore_from_image(
         luo = Orchestrator(registry, limits, generation, hooks, restore_error=f"{path}: {reason}")
         event("restore-failed", logging.ERROR, image=str(path), reason=reason)
         return luo
+    settle_restored(state_dir, name, luo)
+    return luo
+
+
+def settle_restored(state_dir: StateDir, name: str, luo: Orchestrator) -> None:
+    """A restore from the image ``name`` succeeded: the reboot is over.
+
+    The image stays as ``LAST_IMAGE_NAME`` for inspection, the marker that
+    a reboot began goes, and the new generation says what it holds. Every
+    path that restores (an exec'd or in-process generation, a successor)
+    ends here.
+    """
     state_dir.rename(name, LAST_IMAGE_NAME)
     state_dir.unlink(MARKER_NAME)
     event(
@@ -437,4 +455,3 @@ def restore_from_image(
         sessions=len(luo.sessions.incoming),
         files=luo.sessions.file_count,
     )
-    return luo
