@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import socket
@@ -84,7 +85,21 @@ def scripted(tmp_path: Path) -> Iterator[Callable[..., ScriptedServer]]:
 
 
 def own_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """The fds open in this process.
+
+    The listing's own directory fd (and the duplicate ``listdir`` makes of
+    it) is gone once the listing is done: each number is checked to be open
+    still, so the result does not depend on which numbers were free.
+    """
+    names = os.listdir("/proc/self/fd")
+    fds = set()
+    for name in names:
+        try:
+            fcntl.fcntl(int(name), fcntl.F_GETFD)
+        except OSError:
+            continue  # the listing's own fd, closed by now
+        fds.add(int(name))
+    return fds
 
 
 def stopped(daemon: Luod) -> bool:
@@ -104,6 +119,11 @@ def test_a_peer_that_does_not_speak_luods_protocol_is_eproto(
         liveupdate.open_device(server.path, timeout=5.0)
     assert info.value.errno == errno.EPROTO
     assert server.path in str(info.value)
+    # The scripted server is a thread of this process: its end of the
+    # connection counts among our fds until it sees ours close (if the
+    # library leaked its socket, the thread never ends).
+    server.thread.join(10)
+    assert not server.thread.is_alive(), "the library kept its connection open"
     assert own_fds() == before
 
 
