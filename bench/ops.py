@@ -73,13 +73,21 @@ WHY_MISSED = {
     "GET_NAME": "the client's struct and framing plus luod's select, dispatch checks and "
     "handler: the whole path is Python, and the floor's bare echo is too",
     "PRESERVE_FD": "beyond the path every call takes, luod checks the file (fstat, its handler, "
-    "whether another session holds it, the quotas) before keeping it",
+    "whether another session holds it, the quotas) before keeping it, and after the reply "
+    "sends the keeper its copy and the session's delta record (see the keeper-off row)",
     "RETRIEVE_FD": "the fd travels back: luod dups it and sends it, and the client reserves a "
     "slot for it first (a dup and a close)",
     "CREATE_SESSION+close": "two calls' worth of kernel work: luod makes a socketpair, passes "
-    "one end back, and serves the close of the other; the floor passes one fd one way",
+    "one end back, and serves the close of the other (each change followed by a delta "
+    "to the keeper); the floor passes one fd one way",
     "GET_STATE": "the biggest struct (a 256-byte error text) built and copied both ways",
 }
+
+
+#: The comparison row: PRESERVE_FD through a luod started with ``--keeper off``
+#: (no copies outside luod), in the same interleaved rounds. The goals are
+#: those of the default configuration (the keeper on): this row has none.
+KEEPER_OFF = "PRESERVE_FD, --keeper off"
 
 
 def percentile(sorted_ns: list[int], q: float) -> float:
@@ -88,10 +96,13 @@ def percentile(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[index] / 1000
 
 
-def start_luod(state: Path) -> subprocess.Popen[bytes]:
+def start_luod(state: Path, keeper: bool = True) -> subprocess.Popen[bytes]:
+    """luod as a user starts it (``keeper``: its default copies, a keeper
+    process), or with ``--keeper off``."""
     log = open(state / "luod.log", "wb")  # noqa: SIM115 - owned by the child
+    argv = [sys.executable, "-m", "liveupdate.server.luod", "--socket", str(state / "device")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "liveupdate.server.luod", "--socket", str(state / "device")],
+        argv if keeper else [*argv, "--keeper", "off"],
         stdout=log,
         stderr=log,
     )
@@ -145,9 +156,9 @@ class Floor:
 class Luod:
     """A luod that came up through a reboot, with what each measured call needs."""
 
-    def __init__(self) -> None:
+    def __init__(self, keeper: bool = True) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="luod-ops-"))
-        self.proc = start_luod(self.state)
+        self.proc = start_luod(self.state, keeper)
         device = str(self.state / "device")
         memfd = os.memfd_create("ops")
         os.write(memfd, b"x" * 64)
@@ -220,6 +231,7 @@ def measure(
 def run(rounds: int, batch: int) -> dict[str, list[int]]:
     floor = Floor()
     luod = Luod()
+    bare = Luod(keeper=False)
     cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]] = {
         "floor": (floor.call, None),
         "GET_NAME": (luod.outgoing.get_name, None),
@@ -227,6 +239,7 @@ def run(rounds: int, batch: int) -> dict[str, list[int]]:
         "RETRIEVE_FD": (luod.retrieve, luod.after_retrieve),
         "CREATE_SESSION+close": (luod.create_and_close, None),
         "GET_STATE": (luod.dev.get_state, None),
+        KEEPER_OFF: (bare.preserve, bare.after_preserve),
     }
     samples: dict[str, list[int]] = {name: [] for name in cases}
     try:
@@ -237,6 +250,7 @@ def run(rounds: int, batch: int) -> dict[str, list[int]]:
                 measure(call, after, batch, samples[name])
     finally:
         luod.close()
+        bare.close()
         floor.close()
     return samples
 
@@ -304,9 +318,21 @@ def main() -> None:
     print(f"{'ioctl':<22} {'calls':>6} {'p50 us':>8} {'p99 us':>8} {'p50/floor':>10} "
           f"{'p99/floor':>10}  goals (p50<=2x, p99<=3x)")  # fmt: skip
     table_rows: list[resultfile.Row] = []
+    off_rows: list[resultfile.Row] = []
     goals = []
     for r in rows:
         is_floor = r["ioctl"] == "floor"
+        if r["ioctl"] == KEEPER_OFF:
+            print(f"{r['ioctl']:<22} {r['calls']:>6} {r['p50']:>8.1f} {r['p99']:>8.1f} "
+                  f"{r['p50x']:>10.2f} {r['p99x']:>10.2f}  (comparison, no goal)")  # fmt: skip
+            for ioctl in ("PRESERVE_FD", KEEPER_OFF):
+                o = next(x for x in rows if x["ioctl"] == ioctl)
+                off_rows.append(
+                    [o["ioctl"] if ioctl == KEEPER_OFF else "PRESERVE_FD, keeper on (default)",
+                     o["calls"], round(o["p50"], 1), round(o["p99"], 1),
+                     round(o["p50x"], 2), round(o["p99x"], 2)]
+                )  # fmt: skip
+            continue
         met50, met99 = r["p50x"] <= 2.0, r["p99x"] <= 3.0
         verdict = "" if is_floor else ", ".join("met" if m else "MISSED" for m in (met50, met99))
         print(f"{r['ioctl']:<22} {r['calls']:>6} {r['p50']:>8.1f} {r['p99']:>8.1f} "
@@ -334,11 +360,19 @@ def main() -> None:
         machine,
         [
             resultfile.table(
-                f"Latency per call in microseconds, {rounds} interleaved rounds of {batch} "
-                "calls each; ratios against the floor measured in the same run",
+                f"Latency per call in microseconds, luod in its default configuration (the "
+                f"keeper on), {rounds} interleaved rounds of {batch} calls each; ratios "
+                "against the floor measured in the same run",
                 ["ioctl", "calls", "p50 µs", "p99 µs", "p50 / floor", "p99 / floor"],
                 table_rows,
-            )
+            ),
+            resultfile.table(
+                "What the keeper costs: PRESERVE_FD through the default luod (above) and "
+                "through a second luod started with --keeper off, in the same interleaved "
+                "rounds (no goal: the goals are the default configuration's)",
+                ["config", "calls", "p50 µs", "p99 µs", "p50 / floor", "p99 / floor"],
+                off_rows,
+            ),
         ],
         goals,
         [plot_path],

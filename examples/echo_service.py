@@ -36,7 +36,7 @@ def main() -> int:
         listener = socket.socket(fileno=fds.pop(LISTENER))
     else:
         listener = socket.create_server(("127.0.0.1", port), backlog=512)
-        svc.outgoing.preserve(listener, LISTENER)
+        svc.preserve(listener, LISTENER)
     port_file = os.environ.get("ECHO_PORT_FILE")
     if port_file:
         with open(port_file + ".tmp", "w") as f:
@@ -66,14 +66,9 @@ def main() -> int:
                 except BlockingIOError:
                     continue
                 token, next_token = next_token, next_token + 1
-                try:
-                    svc.outgoing.preserve(conn, token)
-                except liveupdate.StaleGenerationError:
-                    # luod rebooted: our session is gone and the supervisor
-                    # is about to restart us. Stop accepting (new clients wait
-                    # in the backlog for our successor) and still serve this one.
-                    sel.unregister(listener)
-                    token = -token
+                # svc.preserve, not svc.outgoing.preserve: it follows luod
+                # across its live updates and restarts (with the supervisor).
+                svc.preserve(conn, token)
                 conns[token] = conn
                 sel.register(conn, selectors.EVENT_READ, token)
                 continue
@@ -82,11 +77,7 @@ def main() -> int:
             data = conn.recv(65536, socket.MSG_PEEK)
             if not data:
                 sel.unregister(conn)
-                if token > 0:  # negative: never preserved (see above)
-                    try:
-                        svc.outgoing.unpreserve(token)
-                    except liveupdate.StaleGenerationError:
-                        pass
+                svc.unpreserve(token)  # out of the session first, then closed
                 conn.close()
                 del conns[token]
                 continue

@@ -147,7 +147,10 @@ class Luod:
                 time.sleep(0.01)
             if running(current):
                 os.kill(current, signal.SIGKILL)
+                self._no_keeper_left(clean=False)
                 return -signal.SIGKILL
+            if sig != signal.SIGKILL:  # a SIGKILL is a crash: the keeper outlives it
+                self._no_keeper_left(clean=sig == signal.SIGTERM)
             return 0 if sig == signal.SIGTERM else -sig
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -156,7 +159,28 @@ class Luod:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if sig != signal.SIGKILL:
+            # A SIGKILL is a crash: the keeper outlives it, for a luod started
+            # again to get its sessions back; the fixture's last stop ends it.
+            self._no_keeper_left(clean=sig == signal.SIGTERM and self.proc.returncode == 0)
         return self.proc.returncode
+
+    def keeper_pids(self) -> list[int]:
+        """The keepers this luod started (``copies`` events with a pid)."""
+        known: list[int] = self.extra.setdefault("keepers", [])  # type: ignore[assignment]
+        if self.log.exists():
+            known.extend(e["keeper_pid"] for e in events(self, "copies") if e.get("keeper_pid"))
+        return sorted(set(known))
+
+    def _no_keeper_left(self, clean: bool) -> None:
+        """A clean stop ends the keeper; after any other stop the test ends it."""
+        for pid in self.keeper_pids():
+            deadline = time.monotonic() + 10.0
+            while clean and running(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+                assert not clean, f"luod stopped cleanly but left its keeper {pid} running"
 
 
 def running(pid: int) -> bool:

@@ -6,7 +6,15 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["DEVICE_ENV", "KERNEL_DEVICE", "SYSTEM_SOCKET", "default_socket_path", "resolve_device"]
+__all__ = [
+    "CONTROL_NAME",
+    "DEVICE_ENV",
+    "KERNEL_DEVICE",
+    "SYSTEM_SOCKET",
+    "control_path_for",
+    "default_socket_path",
+    "resolve_device",
+]
 
 #: The environment variable naming the device (a socket or a character device).
 DEVICE_ENV = "LIVEUPDATE_DEVICE"
@@ -14,6 +22,8 @@ DEVICE_ENV = "LIVEUPDATE_DEVICE"
 KERNEL_DEVICE = "/dev/liveupdate"
 #: luod's socket when it runs as root (``wire.md``).
 SYSTEM_SOCKET = "/run/liveupdate/device"
+#: The control socket's name, next to the device socket (``luod --control-socket``).
+CONTROL_NAME = "control"
 
 
 def default_socket_path() -> str:
@@ -48,3 +58,8 @@ def resolve_device(path: str | os.PathLike[str] | None = None) -> str:
     if _is_char_device(KERNEL_DEVICE):
         return KERNEL_DEVICE
     return default_socket_path()
+
+
+def control_path_for(device_path: str) -> str:
+    """luod's control socket by default: ``control`` next to the device socket."""
+    return os.path.join(os.path.dirname(os.path.abspath(device_path)), CONTROL_NAME)

@@ -71,3 +71,14 @@ def test_journal_keeps_an_outgoing_and_an_incoming_session_of_one_name_apart(
     assert state(daemon).lost_sessions == 2
     incoming.close()
     outgoing.close()
+
+
+@pytest.fixture
+def luod_factory(luod_factory: Callable[..., Luod]) -> Callable[..., Luod]:
+    """These tests pin what a luod without copies reports (``--keeper off``);
+    tests/crash/test_luod_crash_survival.py pins the recovery with them."""
+
+    def make(*args: str, **kwargs: object) -> Luod:
+        return luod_factory("--keeper", "off", *args, **kwargs)
+
+    return make

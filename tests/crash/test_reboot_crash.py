@@ -558,3 +558,14 @@ def test_regular_file_at_socket_path_is_refused_and_kept(tmp_path: Path) -> None
     assert result.returncode == 1
     assert f"{path} exists and is not a socket; not touching it" in result.stderr
     assert path.read_text() == "not a socket\n"
+
+
+@pytest.fixture
+def luod_factory(luod_factory: Callable[..., Luod]) -> Callable[..., Luod]:
+    """These tests pin what a luod without copies reports (``--keeper off``);
+    tests/crash/test_luod_crash_survival.py pins the recovery with them."""
+
+    def make(*args: str, **kwargs: Any) -> Luod:
+        return luod_factory("--keeper", "off", *args, **kwargs)
+
+    return make

@@ -242,3 +242,14 @@ def test_scale_through_a_handoff(luod_factory: Callable[..., Luod]) -> None:
         assert result.returncode == 0, result.stderr
     info = wait_generation(daemon, 2)
     assert (info.incoming_sessions, info.preserved_files) == (2000, 15000)
+
+
+@pytest.fixture
+def luod_factory(luod_factory: Callable[..., Luod]) -> Callable[..., Luod]:
+    """These tests pin what a luod without copies reports (``--keeper off``);
+    tests/crash/test_luod_crash_survival.py pins the recovery with them."""
+
+    def make(*args: str, **kwargs: object) -> Luod:
+        return luod_factory("--keeper", "off", *args, **kwargs)
+
+    return make

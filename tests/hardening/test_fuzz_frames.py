@@ -43,7 +43,7 @@ from liveupdate.core.session import Session
 from liveupdate.core.session_ops import SessionCall
 from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, dispatch
-from luodtest import Luod, wait_until
+from luodtest import Luod, events, wait_for, wait_until
 
 #: Every errno the contract allows in a reply (uapi.md, "The errno contract").
 CONTRACT = frozenset(
@@ -439,6 +439,34 @@ def _finish_everything(daemon: Luod) -> None:
             pass
 
 
+def _keeper_holds(pid: int, link: str) -> bool:
+    try:
+        return any(
+            os.readlink(f"/proc/{pid}/fd/{name}") == link for name in os.listdir(f"/proc/{pid}/fd")
+        )
+    except FileNotFoundError:  # an fd closed while we looked
+        return False
+
+
+def _settle(luod: Luod, session: liveupdate.Session) -> None:
+    """Wait until luod holds only what it keeps: the baseline of the fd count.
+
+    Closing our device connection is asynchronous (luod closes its end when
+    it sees ours hang up), and luod's copies (the keeper) are brought up to
+    date on an idle turn of its loop, holding the state's memfd meanwhile.
+    """
+    me = os.getpid()
+    wait_for(lambda: bool(events(luod, "device-closed", peer_pid=me)), "device closed", daemon=luod)
+    for pid in luod.keeper_pids():
+        wait_for(
+            lambda pid=pid: _keeper_holds(pid, "/memfd:keeper (deleted)"),
+            "the keeper got its copy of the preserved memfd",
+            daemon=luod,
+        )
+    # A call luod answers after the sync that sent that copy has returned.
+    session.get_name()
+
+
 @pytest.mark.luod_only
 def test_luod_survives_random_frames_without_leaking(luod: Luod) -> None:
     frames_total = int(os.environ.get(FRAMES_ENV) or CI_FRAMES)
@@ -453,6 +481,7 @@ def test_luod_survives_random_frames_without_leaking(luod: Luod) -> None:
         keeper = dev.create_session("keeper")
     keeper.preserve(memfd, 0xC0FFEE)
     os.close(memfd)
+    _settle(luod, keeper)
     baseline_fds = luod.fd_count()
 
     storm = Storm(luod.socket, random.Random(seed), seed)

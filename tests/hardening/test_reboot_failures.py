@@ -155,7 +155,7 @@ def _wait(predicate: Callable[[], bool], what: str, daemon: Luod) -> None:
 def test_an_unwritable_journal_is_reported_by_state_and_by_the_next_loss_report(
     tmp_path: Path, tiny_fs: Path
 ) -> None:
-    daemon = start(tmp_path, tiny_fs, "--journal-interval", "0.05")
+    daemon = start(tmp_path, tiny_fs, "--journal-interval", "0.05", "--keeper", "off")
     hold_one_session(daemon, "journaled")
     _wait(lambda: (tiny_fs / "journal.dtb").exists(), "journal never written", daemon)
     filler = fill(tiny_fs, 0)
@@ -170,7 +170,7 @@ def test_an_unwritable_journal_is_reported_by_state_and_by_the_next_loss_report(
 
     daemon.stop(signal.SIGKILL)  # the journal still says one session: the other is unrecorded
     filler.unlink()
-    again = start(tmp_path, tiny_fs, name="again")
+    again = start(tmp_path, tiny_fs, "--keeper", "off", name="again")
     try:
         info = state_info(again)
         assert info.lost_sessions == 1  # what the journal recorded

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 import liveupdate
+from liveupdate.client.control import Control, control_path, open_control
 
 __all__ = ["Context", "console", "err_console", "fail"]
 
@@ -21,15 +22,35 @@ err_console = Console(stderr=True)
 class Context:
     """The global options, given to every command (``click.pass_obj``)."""
 
-    def __init__(self, socket: str | None, as_json: bool, timeout: float) -> None:
+    def __init__(
+        self, socket: str | None, as_json: bool, timeout: float, control: str | None = None
+    ) -> None:
         self.socket = socket
         self.json = as_json
         self.timeout = timeout
+        #: ``--control-socket``: used without falling back to the device.
+        self.control = control
 
     def open(self, timeout: float | None = None) -> liveupdate.Device:
         return liveupdate.open_device(
             self.socket, timeout=self.timeout if timeout is None else timeout
         )
+
+    def open_state(self, timeout: float | None = None) -> liveupdate.Device | Control:
+        """Where to read the state and send events: luod's control socket when
+        there is one (never busy, whoever holds the device), else the device."""
+        wait = self.timeout if timeout is None else timeout
+        if self.control is not None:
+            return open_control(self.control, wait or None)
+        path = control_path(self.socket)
+        if path is not None:
+            try:
+                return open_control(path, wait or None)
+            except liveupdate.LiveUpdateError as exc:
+                # Not ours to use, or left by a stopped luod: the device decides.
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EACCES):
+                    raise
+        return self.open(timeout)
 
     def emit(self, data: dict[str, Any], text: str) -> None:
         if self.json:

@@ -24,6 +24,7 @@ import liveupdate
 from liveupdate import uapi
 from liveupdate.cli.context import Context, console, count, fail
 from liveupdate.cli.image import inspect
+from liveupdate.client.control import Control
 from liveupdate.client.device import StateInfo
 from liveupdate.client.errors import error_from_errno
 from liveupdate.client.listing import FileInfo, SessionInfo
@@ -72,6 +73,14 @@ def _state_dict(info: StateInfo) -> dict[str, Any]:
     metavar="PATH",
     help="Device to talk to [default: $LIVEUPDATE_DEVICE, /dev/liveupdate, luod's default socket].",
 )
+@click.option(
+    "--control-socket",
+    "control",
+    default=None,
+    metavar="PATH",
+    help="luod's control socket, used by state, prepare, cancel, reboot, finish and "
+    "sessions [default: 'control' next to the device socket if it exists, else the device].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--timeout",
@@ -83,9 +92,11 @@ def _state_dict(info: StateInfo) -> dict[str, Any]:
 )
 @click.version_option(liveupdate.__version__, prog_name="luoctl")
 @click.pass_context
-def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) -> None:
+def main(
+    ctx: click.Context, socket: str | None, control: str | None, as_json: bool, timeout: float
+) -> None:
     """Operate the Live Update Orchestrator daemon (luod)."""
-    ctx.obj = Context(socket, as_json, timeout)
+    ctx.obj = Context(socket, as_json, timeout, control)
 
 
 @main.command()
@@ -93,7 +104,7 @@ def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) 
 def state(obj: Context) -> None:
     """Show the state machine, the generation, counts and limits."""
     try:
-        with obj.open() as dev:
+        with obj.open_state() as dev:
             info = dev.get_state()
     except OSError as exc:
         fail(exc)
@@ -113,7 +124,7 @@ def state(obj: Context) -> None:
     console.print(table)
 
 
-def _with_reason(dev: liveupdate.Device, exc: OSError) -> OSError:
+def _with_reason(dev: liveupdate.Device | Control, exc: OSError) -> OSError:
     """``exc`` with luod's explanation (GET_STATE's last_error) when it has one."""
     try:
         reason = dev.get_state().last_error
@@ -124,7 +135,7 @@ def _with_reason(dev: liveupdate.Device, exc: OSError) -> OSError:
 
 def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
     try:
-        with obj.open() as dev:
+        with obj.open_state() as dev:
             try:
                 generation = dev.set_event(event)
             except OSError as exc:
@@ -171,7 +182,7 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
     flags = uapi.LUOD_REBOOT_NO_EXEC if no_exec else 0
     start = time.monotonic()
     try:
-        with obj.open() as dev:
+        with obj.open_state() as dev:
             old = dev.get_state().generation
             try:
                 dev.set_event(uapi.LuodEvent.REBOOT, flags)
@@ -195,7 +206,7 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
         remaining = deadline - time.monotonic()
         try:
             # A timeout of 0 would mean "no retry, unbounded open": keep a bound.
-            with obj.open(timeout=max(0.001, remaining)) as dev:
+            with obj.open_state(timeout=max(0.001, remaining)) as dev:
                 info = dev.get_state()
             if info.generation >= generation:
                 return info
@@ -365,7 +376,7 @@ def _describe_file(file: FileInfo) -> str:
 def sessions(obj: Context, name: str | None) -> None:
     """List sessions (yours, or every one as root) and their files."""
     try:
-        with obj.open() as dev:
+        with obj.open_state() as dev:
             try:
                 listing = dev.list_sessions(name)
             except liveupdate.LiveUpdateError as exc:

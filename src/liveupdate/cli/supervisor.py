@@ -16,16 +16,30 @@ state never depends on the service process staying alive.
   then a restart (``--restart on-failure``, the default), rate-limited.
 * **Supervisor crash**: with ``--keep-on-close`` luod hands the session over
   when the last copy of its fd closes, so the next ``luoctl run`` resumes.
+* **luod goes away** (a live update, a crash, a restart): the service keeps
+  running. The supervisor sees its session fd hang up, reaches luod again
+  with a bounded exponential back-off (forever, until stopped) and re-creates
+  the session: it retrieves the session luod gives back (a live update hands
+  it over; a restart may recover it), finishes it and preserves everything
+  again in a new outgoing session, adding its own copies of the service's
+  files (the service's library sends it one at every preserve, see
+  :class:`liveupdate.client.service.SupervisorMessage`), so that a luod that
+  lost everything gets the session back all the same. The service's library
+  asks for the new session fd on its next call (see
+  :meth:`liveupdate.InheritedSession.preserve`).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import os
+import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +51,10 @@ from liveupdate.client.service import (
     SESSION_FD_ENV,
     SESSION_NAME_ENV,
     SESSION_STATE_ENV,
+    SUPERVISOR_FD_ENV,
+    SupervisorMessage,
     direction_name,
+    supervisor_message,
 )
 from liveupdate.paths import DEVICE_ENV, resolve_device
 from liveupdate.uapi import SessionDirection
@@ -61,6 +78,12 @@ def _die_with_parent() -> None:
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 #: Seconds the fence waits for luod's answer before giving up on the session.
 _FENCE_TIMEOUT = 10.0
+#: Back-off between attempts to reach a luod that went away: doubles from
+#: the first delay up to the last, and goes on until the supervisor is stopped.
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 5.0
+#: Seconds an attempt waits for luod's answer (and for a busy device).
+_REATTACH_OPEN_TIMEOUT = 5.0
 
 
 def _exit_status(returncode: int) -> int:
@@ -139,6 +162,19 @@ class Supervisor:
         self._update = False
         self._stop_signal: int | None = None
         self._restarts: list[float] = []
+        #: The supervisor's copy of every file the service preserved, by token.
+        self.copies: dict[int, int] = {}
+        #: The socket to the service's library (see SupervisorMessage).
+        self.control: socket.socket | None = None
+        #: Whether the sessions are alive in a running luod.
+        self.attached = False
+        #: Whether the service has the current session fds (the supervisor
+        #: then never calls luod on them: the replies would mix).
+        self.handed_out = False
+        self.generation = 0
+        self._backoff = _BACKOFF_FIRST
+        self._retry_at = 0.0
+        self._first_attempt = False
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -172,6 +208,9 @@ class Supervisor:
             except liveupdate.InvalidArgumentError as exc:
                 outgoing.close()
                 raise type(exc)(exc.errno, held_elsewhere) from None
+            self.generation = dev.get_state().generation
+        self.attached = True
+        self.handed_out = False
         if self.keep_on_close:
             self.outgoing.keep_on_close()
         _say(f"session {self.name!r} {direction_name(self.state)}")
@@ -211,17 +250,11 @@ class Supervisor:
     def hand_over(self) -> None:
         """The service has exited: hand its state to the next one.
 
-        If luod itself rebooted, the sessions are already incoming in its new
-        generation: just re-acquire them. If the service had not taken its
-        predecessor's state over yet (the incoming session is not finished),
-        nothing moves: the next service gets the same sessions and retrieves
-        again. Otherwise the outgoing session is handed over and re-acquired.
+        If the service had not taken its predecessor's state over yet (the
+        incoming session is not finished), nothing moves: the next service
+        gets the same sessions and retrieves again. Otherwise the outgoing
+        session is handed over and re-acquired.
         """
-        if self._stale():
-            _say("luod rebooted: re-acquiring the session from its new generation")
-            self.release()
-            self.acquire()
-            return
         if self.state == SessionDirection.INCOMING and self.current is not None:
             if not self._incoming_finished():
                 _say("the service had not taken its state over: it gets the same sessions")
@@ -236,6 +269,188 @@ class Supervisor:
             if session is not None:
                 session.close()
         self.current = self.next = None
+        self.attached = False
+
+    # -- luod going away and coming back ------------------------------------------------
+
+    def _luod_lost(self) -> None:
+        """Our session fds hung up: luod rebooted, crashed or stopped. Reach it again."""
+        self.release()
+        self._backoff = _BACKOFF_FIRST
+        self._retry_at = time.monotonic()
+        self._first_attempt = True
+
+    def _try_reattach(self) -> None:
+        first, self._first_attempt = self._first_attempt, False
+        old_generation = self.generation
+        try:
+            recovered, copied = self._reattach()
+        except OSError as exc:
+            if first:
+                _say("luod is gone (connection lost); service keeps running; reconnecting")
+            reason = exc.strerror or str(exc)
+            _say(f"luod unreachable ({reason}); next attempt in {self._backoff:g} s")
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            return
+        what = (
+            f"session {self.name!r} re-attached ({recovered} files from luod, "
+            f"{copied} preserved again); service keeps running"
+        )
+        if first and recovered is not None and self.generation > old_generation:
+            _say(f"luod rebooted (live update) to generation {self.generation}: {what}")
+        elif recovered is not None:
+            _say(f"luod is back (generation {self.generation}), it kept the session: {what}")
+        else:
+            _say(
+                f"luod is back (generation {self.generation}) without session {self.name!r}: "
+                f"re-created from the supervisor's copies ({copied} files); service keeps running"
+            )
+
+    def _reattach(self) -> tuple[int | None, int]:
+        """Re-create the session in the luod now running; (files it gave back or None, preserved).
+
+        luod gives the session back as incoming after a live update (and
+        after a restart that recovered it): retrieve its files, finish it.
+        Then a new outgoing session gets every file again: those and the
+        supervisor's copies of what the service preserved (the copy wins for
+        a token in both: the service's word is the latest).
+        """
+        self._serve_control()  # copies up to date first
+        recovered: int | None = None
+        with liveupdate.open_device(self.device, timeout=_REATTACH_OPEN_TIMEOUT) as dev:
+            generation = dev.get_state().generation
+            try:
+                incoming: liveupdate.Session | None = dev.retrieve_session(self.name)
+            except liveupdate.NotFoundError:
+                incoming = None
+            if incoming is not None:
+                with incoming:
+                    listing = dev.list_sessions(self.name)
+                    tokens = [
+                        f.token
+                        for entry in listing.sessions
+                        if entry.direction == SessionDirection.INCOMING
+                        for f in entry.files or ()
+                    ]
+                    for token in tokens:
+                        fd = incoming.retrieve(token)
+                        if token in self.copies:
+                            os.close(fd)
+                        else:
+                            self.copies[token] = fd
+                    # Every file is in self.copies now: finishing loses nothing.
+                    incoming.finish()
+                    recovered = len(tokens)
+            outgoing = dev.create_session(self.name)
+        try:
+            if self.keep_on_close:
+                outgoing.keep_on_close()
+            copied = 0
+            for token, fd in sorted(self.copies.items()):
+                try:
+                    outgoing.preserve(fd, token)
+                    copied += 1
+                except liveupdate.StaleGenerationError:
+                    raise
+                except liveupdate.LiveUpdateError as exc:
+                    _say(f"token {token} could not be preserved again: {exc}")
+        except BaseException:
+            outgoing.close()
+            raise
+        self.current, self.next = outgoing, None
+        self.state = SessionDirection.OUTGOING
+        self.attached, self.handed_out = True, False
+        self.generation = generation
+        return recovered, copied
+
+    def _await_luod(self, wake_r: int) -> bool:
+        """With no service running: wait until luod is back. False when told to stop."""
+        while not self.attached:
+            if self._stop_signal is not None:
+                return False
+            self._wait_once(wake_r, None)
+        return True
+
+    # -- the service's library ----------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        """Handle every message waiting from the service's library; never blocks."""
+        while self.control is not None:
+            fds = array.array("i")
+            try:
+                data, ancdata, flags, _addr = self.control.recvmsg(
+                    SupervisorMessage.SIZE,
+                    socket.CMSG_SPACE(fds.itemsize),
+                    socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT,
+                )
+            except BlockingIOError:
+                return
+            for level, ctype, payload in ancdata:
+                if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            if flags & socket.MSG_CTRUNC:
+                _say("a message from the service lost its file (MSG_CTRUNC): out of fds?")
+            if not data:  # the service closed its end (it exited)
+                self.control.close()
+                self.control = None
+                return
+            kind, token = data[:1], int.from_bytes(data[1 : SupervisorMessage.SIZE], "little")
+            if kind in (SupervisorMessage.PRESERVED, SupervisorMessage.DEFERRED) and len(fds):
+                self._keep_copy(token, fds.pop(0))
+                if kind == SupervisorMessage.DEFERRED:
+                    self._preserve_deferred(token)
+            elif kind == SupervisorMessage.UNPRESERVED:
+                copy = self.copies.pop(token, None)
+                if copy is not None:
+                    os.close(copy)
+                if self.attached and not self.handed_out:
+                    try:
+                        self.outgoing.unpreserve(token)
+                    except liveupdate.LiveUpdateError:
+                        pass
+            elif kind == SupervisorMessage.SESSION:
+                self._answer_session()
+            for fd in fds:
+                os.close(fd)
+
+    def _keep_copy(self, token: int, fd: int) -> None:
+        old = self.copies.get(token)
+        self.copies[token] = fd
+        if old is not None:
+            os.close(old)
+
+    def _preserve_deferred(self, token: int) -> None:
+        """The service preserved while luod was away; if it is back, preserve it for it."""
+        if not self.attached or self.handed_out:
+            return  # done at the re-attach (or by the service on its new session fd)
+        try:
+            self.outgoing.preserve(self.copies[token], token)
+        except liveupdate.AlreadyExistsError:
+            self.outgoing.unpreserve(token)
+            self.outgoing.preserve(self.copies[token], token)
+        except liveupdate.LiveUpdateError as exc:
+            _say(f"token {token} could not be preserved: {exc}")
+
+    def _answer_session(self) -> None:
+        assert self.control is not None
+        if not self.attached:
+            self.control.sendmsg([supervisor_message(SupervisorMessage.AWAY)])
+            return
+        fd = array.array("i", [self.outgoing.fileno()]).tobytes()
+        self.control.sendmsg(
+            [supervisor_message(SupervisorMessage.SESSION)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd)],
+        )
+        self.handed_out = True
+
+    def close_copies(self) -> None:
+        for fd in self.copies.values():
+            os.close(fd)
+        self.copies.clear()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
     # -- the service -------------------------------------------------------------------
 
@@ -251,6 +466,11 @@ class Supervisor:
         if self.next is not None:
             env[NEXT_SESSION_FD_ENV] = str(self.next.fileno())
             pass_fds.append(self.next.fileno())
+        if self.control is not None:
+            self.control.close()
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env[SUPERVISOR_FD_ENV] = str(theirs.fileno())
+        pass_fds.append(theirs.fileno())
         # The service dies with its supervisor: otherwise an orphan would keep
         # the session fds open and a new supervisor could not take over.
         try:
@@ -259,6 +479,9 @@ class Supervisor:
             )
         except OSError as exc:
             raise command_error(self.argv[0], exc.errno or errno.ENOEXEC) from None
+        finally:
+            theirs.close()
+        self.handed_out = True
         _say(f"started pid {self.proc.pid} ({direction_name(self.state)})")
 
     def stop_service(self, sig: int) -> int:
@@ -295,6 +518,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        # A copy of every preserved file: room for as many as luod allows us.
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         try:
             check_command(self.argv)
             self.acquire()
@@ -305,30 +531,62 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
             self.release()
+            self.close_copies()
 
     def _wait(self, wake_r: int) -> None:
-        """Sleep until the service exits, a signal arrives or luod goes away."""
+        """Until the service exits or a signal asks for something; luod may come and go."""
         assert self.proc is not None
         pidfd = os.pidfd_open(self.proc.pid)
-        poller = select.poll()
-        poller.register(wake_r, select.POLLIN)
-        poller.register(pidfd, select.POLLIN)
-        # The service shares the session sockets, so their replies make them
-        # readable: watch for the hang-up alone (luod closed its end: it
-        # rebooted), which is then handled like an update.
-        session_fd = self.outgoing.fileno()
-        poller.register(session_fd, _POLLRDHUP)
         try:
             while self.proc.poll() is None and not self._update and self._stop_signal is None:
-                for fd, events in poller.poll():
-                    if fd == session_fd and events & (_POLLRDHUP | select.POLLHUP):
-                        self._update = True
-                try:
-                    os.read(wake_r, 512)
-                except BlockingIOError:
-                    pass
+                self._wait_once(wake_r, pidfd)
         finally:
             os.close(pidfd)
+
+    def _wait_once(self, wake_r: int, pidfd: int | None) -> None:
+        """One sleep: until a signal, the service's exit or message, luod's hang-up or retry."""
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
+        if self.control is not None:
+            poller.register(self.control, select.POLLIN)
+        # The service shares the session sockets, so their replies make them
+        # readable: watch for the hang-up alone (luod closed its end).
+        session_fd = self.outgoing.fileno() if self.attached else -1
+        if session_fd >= 0:
+            poller.register(session_fd, _POLLRDHUP)
+        timeout_ms = None
+        if not self.attached:
+            timeout_ms = max(0, int((self._retry_at - time.monotonic()) * 1000))
+        for fd, events in poller.poll(timeout_ms):
+            if fd == session_fd and events & (_POLLRDHUP | select.POLLHUP | select.POLLERR):
+                self._luod_lost()
+        try:
+            os.read(wake_r, 512)
+        except BlockingIOError:
+            pass
+        self._serve_control()
+        if not self.attached and time.monotonic() >= self._retry_at:
+            self._try_reattach()
+
+    def _restart_with_state(self, wake_r: int) -> bool:
+        """The service is gone: hand its state over and start it again. False: stopped."""
+        self._serve_control()  # its last words: copies of what it preserved
+        while True:
+            if self.attached:
+                self.resync()
+                if self._stale():
+                    self._luod_lost()
+            if not self._await_luod(wake_r):
+                return False
+            try:
+                self.hand_over()
+                break
+            except liveupdate.StaleGenerationError:
+                self._luod_lost()
+        self.spawn()
+        return True
 
     def _loop(self, wake_r: int) -> int:
         while True:
@@ -342,9 +600,9 @@ class Supervisor:
                 self._update = False
                 rc = self.stop_service(self.stop_signal)
                 _say(f"update: service exit {rc}; handing session {self.name!r} over")
-                self.resync()
-                self.hand_over()
-                self.spawn()
+                if not self._restart_with_state(wake_r):
+                    _say("stopped while luod was away")
+                    return 0
                 continue
             rc = self.proc.returncode
             if rc == 0 or self.restart == "no":
@@ -354,6 +612,6 @@ class Supervisor:
                 _say(f"service crashed {rc}; too many restarts, giving up")
                 return _exit_status(rc)
             _say(f"service crashed ({rc}); restarting it with its state")
-            self.resync()
-            self.hand_over()
-            self.spawn()
+            if not self._restart_with_state(wake_r):
+                _say("stopped while luod was away")
+                return 0

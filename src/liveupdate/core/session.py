@@ -170,7 +170,8 @@ class SessionSet:
 
     @property
     def mutations(self) -> int:
-        """Bumped by every change to what would be handed over (the journal
+        """Bumped by every change to what would be handed over or copied for a
+        crash (the journal, the keeper, the fd store
         and a REBOOT's "does the PREPARE pre-flight still cover it?")."""
         return self._mutations
 
@@ -387,6 +388,7 @@ class SessionSet:
             raise OSError(errno.EBUSY, f"file {refusing.token:#x} cannot finish yet")
         session.files.finish()
         session.finished = True
+        self._mutations += 1  # the crash copies drop it (the image already did)
         self._incoming_changed()
 
     def finish_incoming(self, owner: Owner | None = None) -> None:

@@ -177,6 +177,27 @@ class Config:
     socket_group: str | None = option(
         "--socket-group", None, help="Group (name or gid) owning the socket."
     )
+    #: Empty: ``control`` next to the device socket (:func:`liveupdate.paths.control_path_for`).
+    control_socket: str = option(
+        "--control-socket",
+        "",
+        metavar="PATH",
+        help="Path of the control socket: GET_STATE, SET_EVENT and LIST_SESSIONS without "
+        "the single-opener device, for luoctl and the service manager "
+        "[default: 'control' next to the device socket].",
+    )
+    control_socket_mode: int = option(
+        "--control-socket-mode",
+        0o600,
+        to_arg=lambda mode: f"{mode:04o}",
+        type=OCTAL,
+        default="0600",
+        show_default=True,
+        help="Permission bits of the control socket (octal).",
+    )
+    control_socket_group: str | None = option(
+        "--control-socket-group", None, help="Group (name or gid) owning the control socket."
+    )
     state_dir: str = option(
         "--state-dir",
         "",
@@ -243,6 +264,14 @@ class Config:
         help="Group (name or gid) whose members may drive the state machine (prepare, "
         "cancel, reboot, finish everyone's sessions) like root and luod's own user.",
     )
+    #: ``HOST:PORT`` of the Prometheus endpoint; ``None``: no metrics.
+    metrics_address: str | None = option(
+        "--metrics-address",
+        None,
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9464) "
+        "[default: off].",
+    )
     log_format: str = option(
         "--log-format",
         "human",
@@ -256,6 +285,16 @@ class Config:
         type=OneOf(("debug", "info", "warning", "error")),
         show_default=True,
         help="debug also logs every ioctl and every caller mistake.",
+    )
+    #: Where the copies of every preserved fd are kept (:mod:`liveupdate.server.fdstore`).
+    keeper: str = option(
+        "--keeper",
+        "auto",
+        type=OneOf(("auto", "keeper", "fdstore", "off")),
+        show_default=True,
+        help="Where luod keeps a copy of every preserved fd so that its crash loses nothing: "
+        "auto (systemd's fd store when $FDSTORE says it is enabled, else a keeper process), "
+        "keeper, fdstore, or off.",
     )
     #: Seconds between two journal writes (0: no journal).
     journal_interval: float = option(
@@ -283,6 +322,8 @@ class Config:
             self.state_dir = str(Path(self.socket_path).parent)
         if not self.state_file:
             self.state_file = str(Path(self.state_dir) / "state")
+        if not self.control_socket:
+            self.control_socket = paths.control_path_for(self.socket_path)
 
     def absolute(self) -> Config:
         """This configuration with every path absolute (luod leaves its working
@@ -292,6 +333,7 @@ class Config:
             socket_path=os.path.abspath(self.socket_path),
             state_dir=os.path.abspath(self.state_dir),
             state_file=os.path.abspath(self.state_file),
+            control_socket=os.path.abspath(self.control_socket),
         )
 
     @property

@@ -93,7 +93,11 @@ class Endpoint:
     #: :class:`Owner` made of them, reused while they repeat.
     sender_creds: tuple[int, int, int] | None = None
     sender: Owner | None = None
+    #: A control connection (:mod:`liveupdate.server.control`), not the device.
+    control: bool = False
 
     @property
     def kind(self) -> str:
-        return "device" if self.session is None else "session"
+        if self.session is not None:
+            return "session"
+        return "control" if self.control else "device"

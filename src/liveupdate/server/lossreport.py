@@ -37,7 +37,7 @@ from liveupdate.server.journal import (
 )
 from liveupdate.server.safefs import StateDir
 
-__all__ = ["LostReport", "find_lost", "report_lost"]
+__all__ = ["LostReport", "find_lost", "forget_records", "report_lost"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,19 @@ def find_lost(state_dir: StateDir) -> LostReport:
         )
         state_dir.unlink(STALE_JOURNAL_NAME)
     return LostReport(lost, incomplete)
+
+
+def forget_records(state_dir: StateDir) -> None:
+    """The records of a luod whose sessions were recovered from its copies
+    (:mod:`liveupdate.server.fdstore`): nothing they describe was lost."""
+    for name in (
+        IMAGE_NAME,
+        JOURNAL_NAME,
+        INCOMING_JOURNAL_NAME,
+        MARKER_NAME,
+        STALE_JOURNAL_NAME,
+    ):
+        state_dir.unlink(name)
 
 
 def _report_record(state_dir: StateDir, name: str, why: str) -> int:

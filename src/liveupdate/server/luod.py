@@ -30,7 +30,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from liveupdate.core import reboot
@@ -41,9 +41,10 @@ from liveupdate.core.session import Session
 from liveupdate.events import event
 from liveupdate.handover_abi import HandoverError, HandoverImage
 from liveupdate.handover_codec import decode_image
-from liveupdate.server import systemd
+from liveupdate.server import fdstore, systemd
 from liveupdate.server.config import Config, gid_of
 from liveupdate.server.faults import FaultInjector, FaultStep
+from liveupdate.server.fdstore import Copies, Recovered
 from liveupdate.server.journal import IMAGE_NAME, MARKER_NAME, Journal
 from liveupdate.server.logs import setup_logging
 from liveupdate.server.preflight import check_image as check_image_main
@@ -121,7 +122,35 @@ def bind_listener(config: Config, socket_dir: StateDir) -> socket.socket:
     ``socket_dir`` is the socket's directory, checked: nobody else can swap
     it, so binding by path lands in it.
     """
-    path = config.socket_path
+    return bind_socket(config.socket_path, config.socket_mode, config.socket_group, socket_dir)
+
+
+def bind_control(config: Config, socket_dir: StateDir) -> socket.socket:
+    """Create the control socket (:mod:`~liveupdate.server.control`) the same safe way.
+
+    ``socket_dir`` is the device socket's directory, checked; the control
+    socket's own is checked here when it is another one.
+    """
+    where = os.path.dirname(config.control_socket)
+    if where == socket_dir.path:
+        return bind_socket(
+            config.control_socket, config.control_socket_mode, config.control_socket_group,
+            socket_dir,
+        )  # fmt: skip
+    mode = 0o755 if os.geteuid() == 0 else 0o700
+    control_dir = StateDir(where, create_mode=mode)
+    try:
+        return bind_socket(
+            config.control_socket, config.control_socket_mode, config.control_socket_group,
+            control_dir,
+        )  # fmt: skip
+    finally:
+        control_dir.close()
+
+
+def bind_socket(path: str, mode: int, group: str | None, socket_dir: StateDir) -> socket.socket:
+    """A listening ``SOCK_SEQPACKET`` socket at ``path`` in the checked ``socket_dir``,
+    with exactly ``mode`` and ``group``; a stale socket file is replaced, a live one never."""
     name = os.path.basename(path)
     try:
         st = os.lstat(name, dir_fd=socket_dir.fd)
@@ -145,14 +174,14 @@ def bind_listener(config: Config, socket_dir: StateDir) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # Bind under a restrictive umask so the socket is never reachable with
     # looser permissions than asked, not even for an instant.
-    old_umask = os.umask(0o777 & ~config.socket_mode)
+    old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
     finally:
         os.umask(old_umask)
-    os.chmod(name, config.socket_mode, dir_fd=socket_dir.fd, follow_symlinks=False)
-    if config.socket_group is not None:
-        gid = gid_of(config.socket_group)
+    os.chmod(name, mode, dir_fd=socket_dir.fd, follow_symlinks=False)
+    if group is not None:
+        gid = gid_of(group)
         os.chown(name, -1, gid, dir_fd=socket_dir.fd, follow_symlinks=False)
     sock.listen(socket.SOMAXCONN)
     return sock
@@ -198,6 +227,8 @@ class Handover:
     image: str
     listen_fd: int
     lock_fd: int
+    #: The control socket's listener (``None``: the old generation had none).
+    control_fd: int | None = None
 
 
 def _open_dirs(config: Config, create: bool) -> tuple[StateDir, StateDir, StateDir]:
@@ -222,6 +253,10 @@ class Ground:
     state_file_dir: StateDir
     lock_fd: int
     listener: socket.socket
+    #: The control socket's listener (:mod:`~liveupdate.server.control`).
+    control: socket.socket | None = None
+    #: The fd store's copies given back by the service manager, by name.
+    given_back: dict[str, int] = field(default_factory=dict)
 
 
 def _cold_start(config: Config) -> Ground:
@@ -229,12 +264,22 @@ def _cold_start(config: Config) -> Ground:
     try:
         state_dir, state_file_dir, socket_dir = _open_dirs(config, create=True)
         lock_fd = acquire_lock(state_dir)
+        names = systemd.listen_fd_names()
         activated = systemd.listen_fds()
+        # The fd store's copies come with the sockets, told apart by their
+        # names (fdstore): the listener is the fd left.
+        given_back = {
+            name: fd
+            for name, fd in zip(names, activated, strict=False)
+            if fdstore.is_copy_name(name)
+        }
+        activated = [fd for fd in activated if fd not in given_back.values()]
         config.socket_activated = bool(activated)
         if activated:
             listener = socket.socket(fileno=activated[0])
         else:
             listener = bind_listener(config, socket_dir)
+        control = bind_control(config, socket_dir)
     except UnsafePathError as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
@@ -245,7 +290,7 @@ def _cold_start(config: Config) -> Ground:
         ) from None
     if socket_dir is not state_dir and socket_dir is not state_file_dir:
         socket_dir.close()
-    return Ground(state_dir, state_file_dir, lock_fd, listener)
+    return Ground(state_dir, state_file_dir, lock_fd, listener, control, given_back)
 
 
 def _inherit(config: Config, handover: Handover, faults: FaultInjector) -> Ground:
@@ -254,6 +299,10 @@ def _inherit(config: Config, handover: Handover, faults: FaultInjector) -> Groun
     listener = socket.socket(fileno=handover.listen_fd)
     for fd in (lock_fd, handover.listen_fd):
         os.set_inheritable(fd, False)
+    control = None
+    if handover.control_fd is not None:
+        os.set_inheritable(handover.control_fd, False)
+        control = socket.socket(fileno=handover.control_fd)
     try:
         state_dir, state_file_dir, _socket_dir = _open_dirs(config, create=False)
     except UnsafePathError as exc:
@@ -265,7 +314,7 @@ def _inherit(config: Config, handover: Handover, faults: FaultInjector) -> Groun
     image_dir = os.path.dirname(os.path.abspath(handover.image))
     if image_dir != state_dir.path:
         raise StartupError(f"--handover {handover.image} is not in {state_dir.path}")
-    return Ground(state_dir, state_file_dir, lock_fd, listener)
+    return Ground(state_dir, state_file_dir, lock_fd, listener, control)
 
 
 def _server_hooks(
@@ -274,6 +323,7 @@ def _server_hooks(
     faults: FaultInjector,
     journal: Journal,
     child_env: dict[str, str] | None,
+    copies: Copies | None = None,
 ) -> Callable[[DeviceServer], ServerHooks]:
     """What luod plugs into its transport: the re-exec driver, SIGHUP, the journal."""
 
@@ -291,18 +341,32 @@ def _server_hooks(
             child_env,
             successor_config=config.to_fields(),
         )
-        return ServerHooks(
-            host=driver, on_sighup=driver.retry_restore, on_idle=lambda: journal.tick(server.luo)
-        )
+
+        def on_idle() -> float | None:
+            due = journal.tick(server.luo)
+            if copies is None:
+                return due
+            later = copies.sync(server.luo)
+            return later if due is None else due if later is None else min(due, later)
+
+        return ServerHooks(host=driver, on_sighup=driver.retry_restore, on_idle=on_idle)
 
     return hooks
 
 
-def _shut_down(config: Config, ground: Ground, server: DeviceServer, journal: Journal) -> None:
+def _shut_down(
+    config: Config,
+    ground: Ground,
+    server: DeviceServer,
+    journal: Journal,
+    copies: Copies | None = None,
+) -> None:
     """A clean stop: every session released on purpose, nothing left to report."""
     systemd.notify("STOPPING=1")
     server.close()
     server.luo.close()
+    if copies is not None:
+        copies.stop()  # released on purpose: the copies go too
     journal.remove()
     if server.luo.restore_error is None:
         # Released on purpose, like the journal: an intent or image left by
@@ -316,6 +380,12 @@ def _shut_down(config: Config, ground: Ground, server: DeviceServer, journal: Jo
         except FileNotFoundError:
             pass
     ground.listener.close()
+    if ground.control is not None:
+        try:
+            os.unlink(config.control_socket)
+        except FileNotFoundError:
+            pass
+        ground.control.close()
     os.close(ground.lock_fd)
     event("stopped")
 
@@ -341,6 +411,8 @@ def run(
     server: DeviceServer | None = None
     journal: Journal | None = None
     state_file_dir: StateDir | None = None
+    copies: Copies | None = None
+    recovered: Recovered | None = None
 
     def released_meanwhile(session: Session) -> bool:
         # The transport's close check. The transport is made below, around
@@ -365,24 +437,43 @@ def run(
             return 0  # dismissed (CANCEL), or the hand-over failed: nothing is ours
         ground, luo = taken
     else:
+        back: tuple[Orchestrator, Recovered] | None = None
         if handover is None:
             ground = _cold_start(config)
-            from liveupdate.server.lossreport import find_lost  # a cold start's alone
+            copies, back = _open_copies(config, ground, child_env, registry, luo_hooks, True)
+            from liveupdate.server.lossreport import find_lost, forget_records
 
-            lost = find_lost(ground.state_dir)
+            if back is None:
+                lost = find_lost(ground.state_dir)
+            else:
+                forget_records(ground.state_dir)  # what they describe is back
         else:
             ground = _inherit(config, handover, faults)
-        luo = _first_generation(
-            config, handover, ground.state_dir, registry, faults, lost, luo_hooks
-        )
+        if back is not None:
+            luo, recovered = back
+        else:
+            luo = _first_generation(
+                config, handover, ground.state_dir, registry, faults, lost, luo_hooks
+            )
+    if copies is None and (handover is not None or predecessor is not None):
+        copies, _ = _open_copies(config, ground, child_env, registry, luo_hooks, False)
     state_dir, state_file_dir = ground.state_dir, ground.state_file_dir
     journal = Journal(state_dir, config.journal_interval, f"luod {__version__}")
     _write_pid(ground.lock_fd)
     write_state_file(state_file_dir, state_name, luo.state)
     server = DeviceServer(
-        luo, ground.listener, _server_hooks(config, ground, faults, journal, child_env)
+        luo,
+        ground.listener,
+        _server_hooks(config, ground, faults, journal, child_env, copies),
+        control=ground.control,
     )
     server.install_signal_handlers()
+    metrics = None
+    if config.metrics_address is not None:
+        from liveupdate.server.metrics import MetricsEndpoint  # off by default: not imported
+
+        metrics = MetricsEndpoint(server, config.metrics_address, len(luo.sessions.incoming))
+        metrics.start()
     restored = (handover is not None or predecessor is not None) and luo.restore_error is None
     event(
         "started",
@@ -392,6 +483,8 @@ def run(
         nofile=hard,
         activated=config.socket_activated,
         restored=restored,
+        copies=copies.name if copies is not None else "off",
+        recovered_sessions=recovered.sessions if recovered is not None else 0,
     )
     # The line operators (and tests) wait for: the socket listens now.
     event("serving", socket=config.socket_path, generation=luo.generation)
@@ -400,8 +493,82 @@ def run(
     try:
         server.serve_forever()
     finally:
-        _shut_down(config, ground, server, journal)
+        if metrics is not None:
+            metrics.close()
+        _shut_down(config, ground, server, journal, copies)
     return 0
+
+
+def _open_copies(
+    config: Config,
+    ground: Ground,
+    child_env: dict[str, str] | None,
+    registry: HandlerRegistry,
+    hooks: Hooks,
+    recover: bool,
+) -> tuple[Copies | None, tuple[Orchestrator, Recovered] | None]:
+    """Where this generation keeps its copies (``--keeper``), and on a cold
+    start (``recover``) the generation rebuilt from what they held."""
+    writer = f"luod {__version__}"
+    mode = config.keeper
+    if mode == "auto":
+        mode = "fdstore" if systemd.fd_store_enabled() else "keeper"
+    given = ground.given_back
+    if mode == "off":
+        _close_all(given)
+        return None, None
+    if mode == "fdstore":
+        back = None
+        state = fdstore.given_back_state(given) if recover else None
+        if state is not None:
+            back = fdstore.recover_or_report(
+                state[0], given, registry, config.limits, hooks, "fdstore"
+            )
+        copies = fdstore.FdStoreCopies(writer, given, state[1] if state is not None else 0)
+        _close_all(given)
+        event("copies", kind="fdstore", max=systemd.fd_store_max())
+        return copies, back
+    from liveupdate.server import keeper
+
+    _close_all(given)
+    dir_fd = ground.state_dir.fd
+    try:
+        sock = keeper.connect_keeper(dir_fd)
+        if sock is not None:
+            kept = keeper.KeeperCopies(sock, 0, writer)
+            back = None
+            if recover:
+                data, files = kept.fetch()
+                try:
+                    if data is not None:
+                        back = fdstore.recover_or_report(
+                            data, files, registry, config.limits, hooks, "keeper"
+                        )
+                finally:
+                    _close_all(files)
+            event("copies", kind="keeper", action="reconnected")
+            return kept, back
+        env = child_env if child_env is not None else child_environment()
+        pid = keeper.start_keeper(dir_fd, env)
+        sock = keeper.connect_keeper(dir_fd)
+        if sock is None:
+            raise OSError(errno.ECONNREFUSED, "the keeper does not listen")
+    except OSError as exc:
+        event(
+            "keeper-failed",
+            logging.ERROR,
+            error=str(exc),
+            consequence="a crash of luod loses what it holds",
+        )
+        return None, None
+    event("copies", kind="keeper", action="started", keeper_pid=pid)
+    return keeper.KeeperCopies(sock, pid, writer), None
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 def _take_over(
@@ -457,7 +624,11 @@ def _take_over(
         os.set_inheritable(each, False)
     settle_restored(state_dir, IMAGE_NAME, luo)
     listener = socket.socket(fileno=handed.listener_fd)
-    return Ground(state_dir, state_file_dir, handed.lock_fd, listener), luo
+    control = None
+    if handed.control_fd >= 0:
+        os.set_inheritable(handed.control_fd, False)
+        control = socket.socket(fileno=handed.control_fd)
+    return Ground(state_dir, state_file_dir, handed.lock_fd, listener, control), luo
 
 
 @dataclass
@@ -600,6 +771,7 @@ def _command() -> click.Command:
     @click.option("--handover", default=None, hidden=True)
     @click.option("--listen-fd", type=int, default=None, hidden=True)
     @click.option("--lock-fd", type=int, default=None, hidden=True)
+    @click.option("--control-fd", type=int, default=None, hidden=True)
     @click.option("--successor-fd", type=int, default=None, hidden=True)
     @click.version_option(__version__, prog_name="luod")
     def main(
@@ -607,6 +779,7 @@ def _command() -> click.Command:
         handover: str | None,
         listen_fd: int | None,
         lock_fd: int | None,
+        control_fd: int | None,
         successor_fd: int | None,
         **options: Any,
     ) -> None:
@@ -638,7 +811,7 @@ def _command() -> click.Command:
         if handover is not None:
             if listen_fd is None or lock_fd is None:
                 raise click.UsageError("--handover needs --listen-fd and --lock-fd")
-            inherited = Handover(handover, listen_fd, lock_fd)
+            inherited = Handover(handover, listen_fd, lock_fd, control_fd)
         _serve(config, inherited, child_env)
 
     return main

@@ -74,7 +74,14 @@ COVERAGE_ENV = "COVERAGE_PROCESS_CONFIG"
 #: manager's (``sd_notify``, journal), luod's test hook and the coverage
 #: measurement of the test suite. Everything else (``LD_PRELOAD``,
 #: ``PYTHON*``, ``HOME``, locale...) is the caller's, not ours.
-PASSED_ENV = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", FAULT_ENV, COVERAGE_ENV)
+PASSED_ENV = (
+    "NOTIFY_SOCKET",
+    "FDSTORE",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+    FAULT_ENV,
+    COVERAGE_ENV,
+)
 
 
 def child_environment(
@@ -106,6 +113,10 @@ class Transport(Protocol):
     @property
     def listener_fd(self) -> int:
         """The listening socket, inherited by the next luod."""
+
+    @property
+    def control_fd(self) -> int:
+        """The control socket's listener (``-1``: none), inherited likewise."""
 
     def defer(self, work: Callable[[], None]) -> None:
         """Run ``work`` after the current call's reply is sent."""
@@ -270,12 +281,16 @@ class ReexecDriver:
         self.faults.point(FaultStep.BEFORE_HANDOFF)
         try:
             successor = self._waiting_successor()
+            control = self.transport.control_fd
             fds = [
                 self.transport.listener_fd,
                 self.lock_fd,
+                *([control] if control >= 0 else []),
                 *reboot.preserved_fds(self.transport.luo),
             ]
-            successor.hand_over(fds, sent=lambda: self.faults.point(FaultStep.AFTER_HANDOFF_SENT))
+            successor.hand_over(
+                fds, sent=lambda: self.faults.point(FaultStep.AFTER_HANDOFF_SENT), control=control
+            )
         except OSError as exc:
             # It must never take over once we roll back: gone and reaped first.
             self.stop_successor()
@@ -337,7 +352,8 @@ class ReexecDriver:
     def exec_next(self, file_fds: Sequence[int]) -> None:
         """Replace this process by the next luod; returns only if exec failed."""
         listener = self.transport.listener_fd
-        inherited = [listener, self.lock_fd, *file_fds]
+        control = self.transport.control_fd
+        inherited = [listener, self.lock_fd, *([control] if control >= 0 else []), *file_fds]
         argv = [
             *self.exec_argv,
             *self.daemon_args,
@@ -347,6 +363,7 @@ class ReexecDriver:
             str(listener),
             "--lock-fd",
             str(self.lock_fd),
+            *(["--control-fd", str(control)] if control >= 0 else []),
         ]
         event("exec", argv=" ".join(argv), fds=len(inherited))
         for handler in logging.getLogger().handlers:

@@ -184,10 +184,12 @@ class Successor:
         self.channel.send("check", image=image_name)
         self._expect("ready", READY_TIMEOUT)
 
-    def hand_over(self, fds: Sequence[int], sent: Any = None) -> None:
+    def hand_over(self, fds: Sequence[int], sent: Any = None, control: int = -1) -> None:
         """Send every fd (``fds[0]`` the listener, ``fds[1]`` the lock, then the
         files, in image order) and wait until it restored them all.
 
+        ``control``: the control socket's listener, among ``fds`` after the
+        lock (its number says which one it is; ``-1``: none).
         ``sent`` is called once every message is out (fault injection).
         """
         batches = [
@@ -195,7 +197,13 @@ class Successor:
         ]
         try:
             for number, batch in enumerate(batches, start=1):
-                self.channel.send("fds", batch, numbers=list(batch), last=number == len(batches))
+                self.channel.send(
+                    "fds",
+                    batch,
+                    numbers=list(batch),
+                    last=number == len(batches),
+                    control=control,
+                )
         except OSError as exc:
             raise SuccessorError(f"the hand-over to pid {self.pid} failed: {exc}") from None
         if sent is not None:
@@ -263,9 +271,12 @@ class Handed:
     lock_fd: int
     #: The old generation's fd number of each file -> ours.
     files: dict[int, int]
+    #: The control socket's listener (``-1``: none handed over).
+    control_fd: int = -1
 
     def close(self) -> None:
-        wire.close_fds([self.listener_fd, self.lock_fd, *self.files.values()])
+        control = [self.control_fd] if self.control_fd >= 0 else []
+        wire.close_fds([self.listener_fd, self.lock_fd, *control, *self.files.values()])
 
 
 class Predecessor:
@@ -304,6 +315,7 @@ class Predecessor:
         last fd): whatever arrived is closed, nothing is ours."""
         numbers: list[int] = []
         fds: list[int] = []
+        control = -1
         while True:
             try:
                 received = self.channel.recv()
@@ -326,13 +338,16 @@ class Predecessor:
                 self.say("failed", reason=f"the next luod: unexpected {body['kind']!r} message")
                 return None
             numbers += [int(n) for n in body["numbers"]]
+            control = int(body.get("control", -1))
             if body.get("last"):
                 break
         if len(fds) < 2:
             wire.close_fds(fds)
             self.say("failed", reason="the next luod: no listener and lock handed over")
             return None
-        return Handed(fds[0], fds[1], dict(zip(numbers[2:], fds[2:], strict=True)))
+        files = dict(zip(numbers[2:], fds[2:], strict=True))
+        control_fd = files.pop(control, -1) if control >= 0 else -1
+        return Handed(fds[0], fds[1], files, control_fd)
 
     def wait_serve(self) -> None:
         """Wait until told to serve, or until the old generation is gone: either

@@ -44,6 +44,7 @@ from liveupdate.core.tables import device_table, session_table
 from liveupdate.dispatch import DispatchTable, Reply, dispatch
 from liveupdate.events import EVENT_LOGGER, event
 from liveupdate.server.acceptor import Acceptor
+from liveupdate.server.control import control_table
 from liveupdate.server.endpoint import Endpoint, hung_up, peer_owner
 from liveupdate.server.holds import EndpointHolds
 
@@ -92,6 +93,8 @@ class DeviceServer:
         listener: A bound, listening ``AF_UNIX``/``SOCK_SEQPACKET`` socket.
         hooks: Builds the daemon's hooks for this server (the reboot host
             drives the server it is given); none by default.
+        control: The control socket's listener (:mod:`liveupdate.server.control`),
+            if luod serves one.
     """
 
     def __init__(
@@ -99,15 +102,23 @@ class DeviceServer:
         luo: Orchestrator,
         listener: socket.socket,
         hooks: Callable[[DeviceServer], ServerHooks] | None = None,
+        control: socket.socket | None = None,
     ) -> None:
         self._serve_generation(luo)
         self.listener = listener
         self.selector = selectors.DefaultSelector()
         self.acceptor = Acceptor(listener, self.selector)
+        self.control_listener = control
+        self.control_acceptor = Acceptor(control, self.selector) if control is not None else None
         self.device: Endpoint | None = None
         self.endpoints: set[Endpoint] = set()
         self.device_table: DispatchTable[DeviceCall] = device_table()
         self.session_table: DispatchTable[SessionCall] = session_table()
+        self.control_table: DispatchTable[DeviceCall] = control_table()
+        #: Calls by ioctl number, and failed calls by (ioctl number, errno):
+        #: plain dicts, cheap on every call; the metrics read them when scraped.
+        self.calls: dict[int, int] = {}
+        self.failures: dict[tuple[int, int], int] = {}
         self._stop = False
         #: Every request is received into this one buffer (one at a time).
         self._recv_buffer = bytearray(_RECV_BUF)
@@ -132,6 +143,23 @@ class DeviceServer:
     def listener_fd(self) -> int:
         """The listening socket's fd (a re-exec hands it on)."""
         return self.listener.fileno()
+
+    @property
+    def control_fd(self) -> int:
+        """The control socket's listener fd (``-1``: none); handed on like the device's."""
+        return self.control_listener.fileno() if self.control_listener is not None else -1
+
+    def call_soon_threadsafe(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in the loop, between two events, from another thread.
+
+        The only entry into the loop from outside it (the metrics endpoint's
+        thread asks for a snapshot this way): the core stays single-threaded.
+        """
+        self._deferred.append(work)  # deque.append is atomic
+        try:
+            self._wakeup_w.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is pending anyway
 
     def defer(self, work: Callable[[], None]) -> None:
         """Run ``work`` once the current call's reply is sent, before any other
@@ -210,17 +238,20 @@ class DeviceServer:
                     event("internal-error", logging.ERROR, exc_info=True, where="holds")
 
     def _event(self, key: selectors.SelectorKey, mask: int) -> None:
-        if key.fileobj is self.listener:
-            for sock in self.acceptor.accept():
-                self._open_device(sock)
-        elif key.fileobj is self._wakeup_r:
-            self._drain_wakeup()
-        else:
-            ep: Endpoint = key.data
+        ep: Endpoint | None = key.data  # None: a listener or the wakeup fd
+        if ep is not None:
             if mask & selectors.EVENT_WRITE:
                 self._flush(ep)
             if mask & selectors.EVENT_READ and not ep.closed:
                 self._serve(ep)
+        elif key.fileobj is self.listener:
+            for sock in self.acceptor.accept():
+                self._open_device(sock)
+        elif self.control_acceptor is not None and key.fileobj is self.control_listener:
+            for sock in self.control_acceptor.accept():
+                self._open_control(sock)
+        else:
+            self._drain_wakeup()
 
     def _drain_wakeup(self) -> None:
         try:
@@ -263,6 +294,8 @@ class DeviceServer:
         self._wakeup_r.close()
         self._wakeup_w.close()
         self.acceptor.close()
+        if self.control_acceptor is not None:
+            self.control_acceptor.close()
 
     # -- device connections ---------------------------------------------------
 
@@ -294,6 +327,26 @@ class DeviceServer:
         self._register(ep)
         self.device = ep
         event("device-opened", peer_pid=owner.pid, uid=owner.uid)
+
+    def _open_control(self, sock: socket.socket) -> None:
+        """A control connection: never exclusive, greeted like the device's."""
+        owner = peer_owner(sock)
+        status = 0
+        try:
+            self.luo.check_open()
+        except OSError as exc:
+            status = -(exc.errno or errno.EIO)
+        try:
+            sock.sendall(wire.encode_hello(status))
+        except OSError:
+            sock.close()
+            return
+        if status != 0:
+            sock.close()
+            return
+        ep = Endpoint(sock, owner, control=True)
+        self._register(ep)
+        event("control-opened", logging.DEBUG, peer_pid=owner.pid, uid=owner.uid)
 
     # -- sessions -------------------------------------------------------------
 
@@ -403,7 +456,8 @@ class DeviceServer:
             dcall.luo = self._luo
             dcall.fds_in = msg.fds
             dcall.host = self.hooks.host
-            reply = dispatch(self.device_table, req.cmd, req.arg, dcall)
+            table = self.control_table if ep.control else self.device_table
+            reply = dispatch(table, req.cmd, req.arg, dcall)
         else:
             scall = ep.session_call
             if scall is None:
@@ -418,6 +472,11 @@ class DeviceServer:
                 ep.sender = Owner(*msg.creds) if msg.creds is not None else None
             scall.caller = ep.sender
             reply = dispatch(self.session_table, req.cmd, req.arg, scall, session.direction)
+        calls = self.calls
+        calls[req.cmd] = calls.get(req.cmd, 0) + 1
+        if reply.ret:
+            key = (req.cmd, -reply.ret)
+            self.failures[key] = self.failures.get(key, 0) + 1
         if _events.isEnabledFor(logging.DEBUG):  # cached by logging until a level changes
             self._log_call(ep, req.cmd, reply)
         return reply
