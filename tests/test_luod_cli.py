@@ -31,6 +31,7 @@ from click.testing import CliRunner
 
 import liveupdate
 from liveupdate.cli.luoctl import main as luoctl_main
+from liveupdate.cli.schemas import STATE as STATE_SCHEMA
 from liveupdate.handover_abi import FileRecord, HandoverImage, SessionRecord
 from liveupdate.handover_codec import encode_image
 from liveupdate.server import luod as luod_module
@@ -424,19 +425,8 @@ def test_luoctl_prepare_cancel_and_state(luod: Luod) -> None:
     data = json.loads(result.stdout)
     assert data["state"] == "normal"
     assert data["generation"] == 1
-    assert set(data) == {
-        "state",
-        "generation",
-        "outgoing_sessions",
-        "incoming_sessions",
-        "preserved_files",
-        "max_sessions",
-        "max_files",
-        "lost_sessions",
-        "lost_incomplete",
-        "last_error",
-        "journal_error",
-    }
+    # Every field of GET_STATE, as documented (liveupdate.cli.schemas.STATE).
+    assert set(data) == set(STATE_SCHEMA)
     assert state_file(luod) == "normal"
 
     result = luoctl(luod.socket, "prepare")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import liveupdate
-from luodtest import Luod, memfd, wait_until
+from luodtest import Luod, luoctl_reboot, memfd, preserved_session, state, wait_for, wait_until
 
 pytestmark = pytest.mark.luod_only
 
@@ -76,3 +77,64 @@ def test_metrics_report_a_memfd_session_and_a_failed_call(
     assert samples[("luod_generation", ())] == 1
     session.close()
     os.close(fd)
+
+
+def test_metrics_report_the_live_update_that_started_the_generation(
+    luod_factory: Callable[..., Luod],
+) -> None:
+    """Each generation's reboot histograms hold the live update that started it."""
+    port = free_port()
+    daemon = luod_factory("--metrics-address", f"127.0.0.1:{port}")
+    wait_for(lambda: _scraped(port, 1), "the first generation's metrics", daemon=daemon)
+    first = scrape(port)
+    assert first[("luod_reboot_blackout_seconds_count", ())] == 0
+    assert first[("luod_reboot_duration_seconds_count", ())] == 0
+    assert first[("luod_copies", (("kind", "keeper"),))] == 1
+    assert first[("luod_copies", (("kind", "off"),))] == 0
+    assert first[("luod_copies_error", ())] == 0
+    assert first[("luod_recovered_sessions", ())] == first[("luod_recovered_files", ())] == 0
+    session = preserved_session(daemon, "kept", b"state")
+    luoctl_reboot(daemon)
+    wait_for(lambda: _scraped(port, 2), "the second generation's metrics", daemon=daemon)
+    after = scrape(port)
+    info = state(daemon)
+    blackout = after[("luod_reboot_blackout_seconds_sum", ())]
+    duration = after[("luod_reboot_duration_seconds_sum", ())]
+    assert after[("luod_reboot_blackout_seconds_count", ())] == 1
+    assert after[("luod_reboot_duration_seconds_count", ())] == 1
+    assert blackout == pytest.approx(info.last_reboot_blackout)
+    assert 0 < blackout <= duration
+    # One observation: every bucket from the one holding it up counts it, none below.
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in after.items()
+        if name == "luod_reboot_blackout_seconds_bucket"
+    )
+    assert [v for le, v in buckets] == [1 if blackout <= le else 0 for le, _ in buckets]
+    assert after[("luod_generation_start_time_seconds", ())] == pytest.approx(info.started)
+    session.close()
+
+
+def test_metrics_report_what_a_crash_recovery_gave_back(
+    luod_factory: Callable[..., Luod],
+) -> None:
+    port = free_port()
+    daemon = luod_factory("--metrics-address", f"127.0.0.1:{port}")
+    session = preserved_session(daemon, "kept", b"state")
+    state(daemon)  # a round trip: the copies are sent
+    daemon.stop(signal.SIGKILL)
+    session.close()
+    daemon.log = daemon.state_dir / "restarted.log"
+    daemon.start()
+    wait_for(lambda: _scraped(port, 2), "the recovered generation's metrics", daemon=daemon)
+    samples = scrape(port)
+    assert samples[("luod_recovered_sessions", ())] == 1
+    assert samples[("luod_recovered_files", ())] == 1
+    assert samples[("luod_reboot_blackout_seconds_count", ())] == 0
+
+
+def _scraped(port: int, generation: int) -> bool:
+    try:
+        return scrape(port).get(("luod_generation", ())) == generation
+    except OSError:
+        return False

@@ -29,6 +29,7 @@ _EXPORTS = {
     "StateInfo": "liveupdate.client.device",
     "open_device": "liveupdate.client.device",
     "FileInfo": "liveupdate.client.listing",
+    "ServiceInfo": "liveupdate.client.listing",
     "SessionInfo": "liveupdate.client.listing",
     "SessionListing": "liveupdate.client.listing",
     "InheritedSession": "liveupdate.client.service",
@@ -68,6 +69,7 @@ __all__ = [
     "OrchestratorIOError",
     "OutOfResourcesError",
     "PermissionDeniedError",
+    "ServiceInfo",
     "Session",
     "SessionInfo",
     "SessionListing",
@@ -118,5 +120,5 @@ if TYPE_CHECKING:
         StructTooBigError,
     )
     from liveupdate.client.errors import RestoreFailedError as RestoreFailedError
-    from liveupdate.client.listing import FileInfo, SessionInfo, SessionListing
+    from liveupdate.client.listing import FileInfo, ServiceInfo, SessionInfo, SessionListing
     from liveupdate.client.service import InheritedSession, inherited_session

@@ -21,12 +21,22 @@ import libfdt
 
 from liveupdate.handover_abi import FDT_FORMAT_VERSION
 
-__all__ = ["FlatNode", "FlatTreeError", "Properties", "check_tree", "read_node", "write_tree"]
+__all__ = [
+    "FlatNode",
+    "FlatTreeError",
+    "Properties",
+    "check_tree",
+    "read_node",
+    "root_value_spans",
+    "write_tree",
+]
 
 _FDT_MAGIC: Final = 0xD00DFEED
 _FDT_HEADER_SIZE: Final = 40
 # libfdt sizes buffers with a C int: a bigger tree cannot be written at all.
 _FDT_MAX_SIZE: Final = 0x7FFF_FFFF
+#: An FDT_PROP tag, its value length and its name offset precede the value.
+_FDT_PROP_HEADER: Final = 12
 
 #: What each libfdt error means for an image that ``fdt_check_full`` or a
 #: walk refused; the libfdt text is appended to the reason as well.
@@ -218,6 +228,28 @@ def _check_names(node: FlatNode) -> None:
         if name in seen:
             raise _corrupt(f"{node.path}: duplicate node {name!r}")
         seen.add(name)
+
+
+def root_value_spans(buffer: bytearray, names: tuple[str, ...]) -> dict[str, slice]:
+    """Where the values of the root's properties ``names`` lie in ``buffer``
+    (a tree :func:`check_tree` accepted, or this module wrote), as slices of
+    the whole buffer; a name the root does not have is left out.
+
+    For a caller that rewrites a fixed-size value in place (same length: the
+    tree's layout does not change) instead of writing the tree again.
+    """
+    spans: dict[str, slice] = {}
+    base = libfdt.fdt_off_dt_struct(buffer) + _FDT_PROP_HEADER
+    prop_offset = libfdt.fdt_first_property_offset(buffer, 0)
+    while prop_offset >= 0 and len(spans) < len(names):
+        entry = libfdt.fdt_get_property_by_offset(buffer, prop_offset)
+        if not isinstance(entry, list) or entry[0] is None:
+            break
+        if entry[0] in names:
+            start = base + prop_offset
+            spans[entry[0]] = slice(start, start + len(entry[1]))
+        prop_offset = libfdt.fdt_next_property_offset(buffer, prop_offset)
+    return spans
 
 
 def _check_end(offset: int, path: str) -> None:

@@ -21,6 +21,9 @@ project code. Version 1 of the schema::
         writer = "luod 0.1.0 pid 123";     // diagnostics only
         session-count = <N>;               // u32: number of session-K nodes
         handlers = "memfd-v1", ...;        // string list, indexed below
+        cold-started = <hi lo>;            // u64 ns, optional: the line's cold start
+        reboot-started = <hi lo>;          // u64 ns, optional: REBOOT began
+        frozen = <hi lo>;                  // u64 ns, optional: the freeze began
         session-0 {                        // SESSION_NODE_PREFIX + index
             session-name = "db";           // name bytes + NUL
             owner = <uid gid pid>;         // OWNER_LAYOUT
@@ -64,6 +67,7 @@ __all__ = [
     "MAX_SESSION_NAME_LENGTH",
     "NS_PER_S",
     "OWNER_LAYOUT",
+    "PROP_COLD_STARTED",
     "PROP_COMPATIBLE",
     "PROP_CREATED",
     "PROP_FILE_COUNT",
@@ -73,13 +77,16 @@ __all__ = [
     "PROP_FILE_HANDLERS",
     "PROP_FILE_TOKENS",
     "PROP_FLAGS",
+    "PROP_FROZEN",
     "PROP_HANDLERS",
     "PROP_LIVEUPDATE_NUMBER",
     "PROP_OWNER",
+    "PROP_REBOOT_STARTED",
     "PROP_SESSION_COUNT",
     "PROP_SESSION_NAME",
     "PROP_VERSION",
     "PROP_WRITER",
+    "REBOOT_TIME_PROPS",
     "SESSION_NODE_PREFIX",
     "SUPPORTED_VERSIONS",
     "U32_LAYOUT",
@@ -170,6 +177,32 @@ PROP_HANDLERS: Final = "handlers"
 Files refer to handlers by index (``file-handlers``) so that 10000 memfds do
 not repeat ``"memfd-v1"`` 10000 times. Printable ASCII only, so ``dtc``
 prints the list as strings.
+"""
+
+PROP_COLD_STARTED: Final = "cold-started"
+"""Root, u64, optional: when the cold start of this line of generations
+happened, in nanoseconds since the epoch (``CLOCK_REALTIME``); each live
+update carries it on, so that the operator sees the daemon's uptime. Absent
+(an older writer) or 0: unknown, and the reader takes its own start.
+"""
+
+PROP_REBOOT_STARTED: Final = "reboot-started"
+"""Root, u64, optional: when the REBOOT that wrote this image began, in
+nanoseconds since the epoch (0 or absent: unknown). With the next
+generation's start it gives the reboot's duration.
+"""
+
+PROP_FROZEN: Final = "frozen"
+"""Root, u64, optional: when this image's freeze began, in nanoseconds since
+the epoch (0 or absent: unknown): from then on no call is served until the
+next generation serves, which measures the blackout from it.
+"""
+
+REBOOT_TIME_PROPS: Final = (PROP_REBOOT_STARTED, PROP_FROZEN)
+"""The root properties a writer stamps at the freeze, after the pre-flight
+checked the image's bytes: fixed-size u64 cells, always written, so that the
+stamp replaces them in place (the pre-flight's bytes are reused, not encoded
+again, and the successor still recognises the image it checked).
 """
 
 SESSION_NODE_PREFIX: Final = "session-"
@@ -347,12 +380,20 @@ class HandoverImage:
             :data:`IMAGE_VERSION`, the reader reports what it read.
         writer: Free text naming the program that wrote the image (e.g.
             ``"luod 0.1.0 pid 123"``), only for diagnostics.
+        cold_started_ns: :data:`PROP_COLD_STARTED` (0: unknown).
+        reboot_started_ns: :data:`PROP_REBOOT_STARTED` (0: unknown).
+        frozen_ns: :data:`PROP_FROZEN` (0: unknown). This field and the one
+            above are left out of comparisons: two images that hand over the
+            same sessions are equal whenever their reboot began.
     """
 
     liveupdate_number: int
     sessions: list[SessionRecord]
     version: int = IMAGE_VERSION
     writer: str = ""
+    cold_started_ns: int = 0
+    reboot_started_ns: int = field(default=0, compare=False)
+    frozen_ns: int = field(default=0, compare=False)
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,13 @@ from liveupdate.handover_abi import (
     UnknownVersionError,
 )
 
-__all__ = ["decode_image", "encode_image", "image_to_dict"]
+__all__ = [
+    "decode_image",
+    "encode_image",
+    "image_to_dict",
+    "restamped_reboot_times",
+    "stamp_reboot_times",
+]
 
 _U32_MAX: Final = 0xFFFF_FFFF
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -146,6 +152,13 @@ def _image_problem(image: HandoverImage) -> str | None:
         return f"liveupdate number {number!r} is not a u64"
     if not isinstance(image.writer, str) or "\0" in image.writer:
         return f"writer {image.writer!r} must be a string without NUL"
+    for what, value in (
+        ("cold start time", image.cold_started_ns),
+        ("reboot start time", image.reboot_started_ns),
+        ("freeze time", image.frozen_ns),
+    ):
+        if not isinstance(value, int) or not 0 <= value <= _U64_MAX:
+            return f"{what} {value!r} is not a u64"
     names: dict[bytes, int] = {}
     fds: dict[int, str] = {}
     for index, session in enumerate(image.sessions):
@@ -179,6 +192,11 @@ def _root_properties(image: HandoverImage, handlers: dict[str, int]) -> Properti
         (abi.PROP_WRITER, _cstr(image.writer.encode("utf-8"))),
         (abi.PROP_SESSION_COUNT, abi.U32_LAYOUT.pack(len(image.sessions))),
         (abi.PROP_HANDLERS, b"".join(_cstr(h.encode("ascii")) for h in handlers)),
+        # Always written, 0 when unknown: stamp_reboot_times() replaces the
+        # last two in place.
+        (abi.PROP_COLD_STARTED, abi.U64_LAYOUT.pack(image.cold_started_ns)),
+        (abi.PROP_REBOOT_STARTED, abi.U64_LAYOUT.pack(image.reboot_started_ns)),
+        (abi.PROP_FROZEN, abi.U64_LAYOUT.pack(image.frozen_ns)),
     ]
 
 
@@ -279,6 +297,13 @@ def _get_u64(node: FlatNode, name: str) -> int:
     """Read a required two-cell (big-endian u64) property."""
     value: int = abi.U64_LAYOUT.unpack(_sized(node, name, abi.U64_LAYOUT.size))[0]
     return value
+
+
+def _get_optional_u64(node: FlatNode, name: str) -> int:
+    """Read an optional two-cell property: 0 when absent (an older writer's image)."""
+    if name not in node.props:
+        return 0
+    return _get_u64(node, name)
 
 
 def _get_string_list(node: FlatNode, name: str) -> list[bytes]:
@@ -412,7 +437,15 @@ def _decode_v1(buffer: bytearray, root: FlatNode) -> HandoverImage:
         if name != expected:
             raise _corrupt(f"/: child node {index} is {name!r}, expected {expected!r}")
         sessions.append(_decode_session(flattree.read_node(buffer, offset, f"/{name}"), handlers))
-    image = HandoverImage(liveupdate_number=number, sessions=sessions, version=1, writer=writer)
+    image = HandoverImage(
+        liveupdate_number=number,
+        sessions=sessions,
+        version=1,
+        writer=writer,
+        cold_started_ns=_get_optional_u64(root, abi.PROP_COLD_STARTED),
+        reboot_started_ns=_get_optional_u64(root, abi.PROP_REBOOT_STARTED),
+        frozen_ns=_get_optional_u64(root, abi.PROP_FROZEN),
+    )
     problem = _image_problem(image)
     if problem is not None:
         raise _corrupt(problem)
@@ -450,6 +483,62 @@ def decode_image(data: bytes | bytearray | memoryview) -> HandoverImage:
         return _decode_v1(buffer, root)
     except FlatTreeError as exc:
         raise _corrupt(exc.reason) from None
+
+
+# --------------------------------------------------------------------------
+# The reboot times, stamped in place
+# --------------------------------------------------------------------------
+
+
+def _reboot_time_spans(data: bytearray) -> dict[str, slice] | None:
+    """Where the reboot times' u64 values lie in ``data``; ``None`` if it lacks one."""
+    spans = flattree.root_value_spans(data, abi.REBOOT_TIME_PROPS)
+    for name in abi.REBOOT_TIME_PROPS:
+        span = spans.get(name)
+        if span is None or span.stop - span.start != abi.U64_LAYOUT.size:
+            return None
+    return spans
+
+
+def stamp_reboot_times(data: bytes, reboot_started_ns: int, frozen_ns: int) -> bytes | None:
+    """``data``, an image :func:`encode_image` wrote, with its reboot times
+    (:data:`~liveupdate.handover_abi.REBOOT_TIME_PROPS`) replaced in place.
+
+    What a reboot does with the pre-flight's bytes: encoding thousands of
+    sessions again would lengthen the blackout. ``None`` when ``data`` does
+    not hold both properties (the caller encodes the image instead).
+    """
+    stamped = bytearray(data)
+    spans = _reboot_time_spans(stamped)
+    if spans is None:
+        return None
+    for name, value in zip(abi.REBOOT_TIME_PROPS, (reboot_started_ns, frozen_ns), strict=True):
+        stamped[spans[name]] = abi.U64_LAYOUT.pack(value)
+    return bytes(stamped)
+
+
+def restamped_reboot_times(checked: bytes, data: bytes) -> tuple[int, int] | None:
+    """The reboot times of ``data`` if it is ``checked`` (an image already
+    decoded) with nothing but its reboot times changed, else ``None``.
+
+    Lets a successor use the image it checked at the pre-flight instead of
+    decoding the same bytes again: every byte outside the two values must be
+    equal, so nothing unchecked is trusted.
+    """
+    if len(checked) != len(data):
+        return None
+    merged = bytearray(checked)
+    spans = _reboot_time_spans(merged)
+    if spans is None:
+        return None
+    times: list[int] = []
+    for name in abi.REBOOT_TIME_PROPS:
+        span = spans[name]
+        merged[span] = data[span]
+        times.append(abi.U64_LAYOUT.unpack(data[span])[0])
+    if merged != data:
+        return None
+    return times[0], times[1]
 
 
 # --------------------------------------------------------------------------
@@ -502,5 +591,8 @@ def image_to_dict(image: HandoverImage) -> dict[str, Any]:
         "version": image.version,
         "liveupdate_number": image.liveupdate_number,
         "writer": image.writer,
+        "cold_started_ns": image.cold_started_ns,
+        "reboot_started_ns": image.reboot_started_ns,
+        "frozen_ns": image.frozen_ns,
         "sessions": [_session_to_dict(session) for session in image.sessions],
     }

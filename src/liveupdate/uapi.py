@@ -53,9 +53,11 @@ __all__ = [
     "LUOD_LIST_FILES",
     "LUOD_LIST_FLAGS",
     "LUOD_REBOOT_NO_EXEC",
+    "LUOD_SERVICE_PID_MAX",
     "LUOD_SESSION_FLAGS",
     "LUOD_SESSION_KEEP_ON_CLOSE",
     "LUOD_SESSION_SET_FLAGS",
+    "LUOD_SESSION_SET_SERVICE",
     "LUOD_SESSION_SYNC",
     "LUOD_SESSION_UNPRESERVE_FD",
     "LUOD_SESSION_UPDATE",
@@ -70,6 +72,7 @@ __all__ = [
     "LiveupdateCmd",
     "LiveupdateSessionCmd",
     "LuodCmd",
+    "LuodCopies",
     "LuodEvent",
     "LuodSessionCmd",
     "LuodState",
@@ -83,6 +86,7 @@ __all__ = [
     "luod_get_state",
     "luod_list_sessions",
     "luod_session_set_flags",
+    "luod_session_set_service",
     "luod_session_sync",
     "luod_session_unpreserve_fd",
     "luod_session_update",
@@ -177,6 +181,7 @@ class LuodSessionCmd(enum.IntEnum):
     SET_FLAGS = enum.auto()
     UNPRESERVE_FD = enum.auto()
     SYNC = enum.auto()
+    SET_SERVICE = enum.auto()
 
 
 LIVEUPDATE_IOCTL_CREATE_SESSION: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateCmd.CREATE_SESSION)
@@ -194,6 +199,7 @@ LUOD_SESSION_UPDATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UPDATE)
 LUOD_SESSION_SET_FLAGS: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.SET_FLAGS)
 LUOD_SESSION_UNPRESERVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UNPRESERVE_FD)
 LUOD_SESSION_SYNC: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.SYNC)
+LUOD_SESSION_SET_SERVICE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.SET_SERVICE)
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +376,18 @@ LUOD_ERROR_LENGTH: Final = 256
 LUOD_STATE_LOST_INCOMPLETE: Final = 1 << 0
 
 
+class LuodCopies(enum.IntEnum):
+    """``luod_get_state.copies``: where luod keeps a copy of every preserved fd,
+    so that its crash loses nothing (``docs/concepts/crash-safety.md``)."""
+
+    #: No copies (``--keeper off``, or they could not start): a crash loses what luod holds.
+    OFF = 0
+    #: luod's keeper process.
+    KEEPER = 1
+    #: systemd's fd store (``FileDescriptorStoreMax=``).
+    FDSTORE = 2
+
+
 class luod_get_state(ctypes.Structure):
     """struct luod_get_state - ioctl(LUOD_IOCTL_GET_STATE)
 
@@ -387,10 +405,33 @@ class luod_get_state(ctypes.Structure):
      or disabled. While not 0, a death of luod would lose files without a full report.
     @flags: Output; LUOD_STATE_LOST_INCOMPLETE when the previous holder's journal was out of
      date as it died, so that @lost_sessions is only a lower bound.
+    @pid: Output; the process id of the luod serving this generation.
+    @copies: Output; where the crash copies of every preserved fd are kept (enum LuodCopies:
+     OFF, KEEPER, FDSTORE).
+    @copies_error: Output; errno of the last failed copy, 0 when every preserved fd and the
+     state are copied. With @copies OFF, why the copies could not start (0: turned off).
+    @last_reboot_error: Output; errno of the last REBOOT that failed in this generation
+     (0: none failed; a REBOOT that succeeds ends the generation).
+    @recovered_sessions: Output; sessions given back by the crash copies at this start.
+    @recovered_files: Output; files given back by the crash copies at this start.
+    @fd_limit: Output; luod's RLIMIT_NOFILE soft limit (0xffffffff: unlimited).
+    @fds_open: Output; file descriptors luod has open now.
+    @fd_reserve: Output; fds of @fd_limit kept free for luod's own work (a reboot):
+     CREATE_SESSION and PRESERVE_FD that would use them fail with EMFILE.
+    @fds_per_file: Output; fds one preserved file costs: 2 with the copies on (one in luod,
+     one in the keeper or the fd store), 1 without.
+    @started_ns: Output; CLOCK_REALTIME nanoseconds when this generation started serving.
+    @cold_started_ns: Output; CLOCK_REALTIME nanoseconds of the cold start of this line of
+     generations (a live update keeps it, a restart after a crash begins a new line).
+    @last_reboot_ns: Output; CLOCK_REALTIME nanoseconds when the live update that started this
+     generation ended (0: it was a cold start).
+    @last_reboot_blackout_ns: Output; nanoseconds from the freeze of that live update to this
+     generation serving (0: a cold start, or not known).
 
     Reads the orchestrator's state. Only @size up to @generation is mandatory:
     an older, shorter struct gets the fields it knows (@journal_error and
-    @flags were appended later).
+    @flags were appended later, then @pid to @last_reboot_blackout_ns). Every
+    field is computed when asked, never on the path of the other calls.
 
     Return: 0.
     """
@@ -408,6 +449,20 @@ class luod_get_state(ctypes.Structure):
         ("last_error", ctypes.c_uint8 * LUOD_ERROR_LENGTH),
         ("journal_error", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("copies", ctypes.c_uint32),
+        ("copies_error", ctypes.c_uint32),
+        ("last_reboot_error", ctypes.c_uint32),
+        ("recovered_sessions", ctypes.c_uint32),
+        ("recovered_files", ctypes.c_uint32),
+        ("fd_limit", ctypes.c_uint32),
+        ("fds_open", ctypes.c_uint32),
+        ("fd_reserve", ctypes.c_uint32),
+        ("fds_per_file", ctypes.c_uint32),
+        ("started_ns", ctypes.c_uint64),
+        ("cold_started_ns", ctypes.c_uint64),
+        ("last_reboot_ns", ctypes.c_uint64),
+        ("last_reboot_blackout_ns", ctypes.c_uint64),
     ]
 
 
@@ -580,6 +635,46 @@ class luod_session_sync(ctypes.Structure):
         ("size", ctypes.c_uint32),
         ("reserved", ctypes.c_uint32),
         ("cookie", ctypes.c_uint64),
+    ]
+
+
+#: Largest ``luod_session_set_service.pid``: Linux's PID_MAX_LIMIT (4194304) minus one.
+LUOD_SERVICE_PID_MAX: Final = (1 << 22) - 1
+
+
+class luod_session_set_service(ctypes.Structure):
+    """struct luod_session_set_service - ioctl(LUOD_SESSION_SET_SERVICE)
+
+    @size: Input; sizeof(struct luod_session_set_service).
+    @flags: Input; must be 0.
+    @pid: Input; the process id of the service that uses this session, or 0 to say that
+     none runs now (the other fields are then ignored).
+    @restarts: Input; how many times its supervisor restarted it after it exited.
+    @last_exit: Input; how it last exited: its exit status (>= 0), or minus the signal
+     that killed it (< 0); 0 when it never exited.
+    @reserved: Input; must be 0.
+
+    Says which service runs on this outgoing session, for the operator:
+    LUOD_IOCTL_LIST_SESSIONS then shows it as the session's ``service``
+    (``luoctl status``, ``luoctl sessions``). A supervisor (``luoctl run``)
+    calls it when it starts the service, after each restart and after
+    re-binding the session to a new generation. luod never acts on it and
+    keeps it with the session only: it is not handed over (the supervisor
+    says it again to the next generation), and a session handed over with
+    LUOD_SESSION_UPDATE or kept on close loses it.
+
+    Return: 0; EINVAL on an incoming session, when @reserved is not 0 or
+    @pid is beyond LUOD_SERVICE_PID_MAX, EOPNOTSUPP for unknown @flags,
+    EACCES when the caller is neither the session's owner nor root.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("restarts", ctypes.c_uint32),
+        ("last_exit", ctypes.c_int32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 
@@ -786,6 +881,16 @@ SESSION_SYNC: Final = _register(
         luod_session_sync,
         "cookie",
         FdKind.SESSION,
+    )
+)
+SESSION_SET_SERVICE: Final = _register(
+    IoctlInfo(
+        "LUOD_SESSION_SET_SERVICE",
+        LUOD_SESSION_SET_SERVICE,
+        luod_session_set_service,
+        "reserved",
+        FdKind.SESSION,
+        SessionDirection.OUTGOING,
     )
 )
 

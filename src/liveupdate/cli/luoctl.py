@@ -15,15 +15,17 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.table import Table
 
 import liveupdate
 from liveupdate import uapi
-from liveupdate.cli.context import Context, console, count, fail
+from liveupdate.cli.context import Context, complete_sessions, console, count, err_console, fail
 from liveupdate.cli.image import inspect
+from liveupdate.cli.progress import Steps
+from liveupdate.cli.status import state_dict, state_rows, status, watch_state
+from liveupdate.cli.units import install_units
 from liveupdate.client.control import Control
 from liveupdate.client.device import StateInfo
 from liveupdate.client.errors import error_from_errno
@@ -47,24 +49,6 @@ def _session_error(exc: liveupdate.LiveUpdateError, name: str, hint: str) -> OSE
     return exc
 
 
-def _state_dict(info: StateInfo) -> dict[str, Any]:
-    return {
-        "state": info.state.name.lower(),
-        "generation": info.generation,
-        "outgoing_sessions": info.outgoing_sessions,
-        "incoming_sessions": info.incoming_sessions,
-        "preserved_files": info.preserved_files,
-        "max_sessions": info.max_sessions,
-        "max_files": info.max_files,
-        "lost_sessions": info.lost_sessions,
-        "lost_incomplete": info.lost_incomplete,
-        "last_error": info.last_error,
-        "journal_error": errno.errorcode.get(info.journal_error, str(info.journal_error))
-        if info.journal_error
-        else "",
-    }
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -78,8 +62,8 @@ def _state_dict(info: StateInfo) -> dict[str, Any]:
     "control",
     default=None,
     metavar="PATH",
-    help="luod's control socket, used by state, prepare, cancel, reboot, finish and "
-    "sessions [default: 'control' next to the device socket if it exists, else the device].",
+    help="luod's control socket, used by status, state, prepare, cancel, reboot, finish "
+    "and sessions [default: 'control' next to the device socket if it exists, else the device].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
@@ -100,27 +84,33 @@ def main(
 
 
 @main.command()
+@click.option("--watch", is_flag=True, help="Print each change of the state until interrupted.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    metavar="SECONDS",
+    default=0.2,
+    show_default=True,
+    help="Seconds between two looks with --watch.",
+)
 @click.pass_obj
-def state(obj: Context) -> None:
+def state(obj: Context, watch: bool, interval: float) -> None:
     """Show the state machine, the generation, counts and limits."""
+    if watch:
+        watch_state(obj, interval)
+        return
     try:
         with obj.open_state() as dev:
             info = dev.get_state()
     except OSError as exc:
         fail(exc)
-    data = _state_dict(info)
+    data = state_dict(info)
     if obj.json:
         obj.emit(data, "")
         return
     table = Table(show_header=False, box=None)
-    for key, value in data.items():
-        if key in ("last_error", "journal_error", "lost_incomplete") and not value:
-            continue
-        if key == "journal_error":
-            value = f"{value}: cannot be written; if luod dies now, what it holds is lost"
-        elif key == "lost_incomplete":
-            value = "yes: the previous luod's journal was out of date, more may have been lost"
-        table.add_row(key.replace("_", " "), str(value))
+    for key, value in state_rows(data, time.time()):
+        table.add_row(key, value)
     console.print(table)
 
 
@@ -133,9 +123,12 @@ def _with_reason(dev: liveupdate.Device | Control, exc: OSError) -> OSError:
     return type(exc)(exc.errno, reason) if reason else exc
 
 
-def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
+def _event(obj: Context, event: uapi.LuodEvent, done: str, step: str = "") -> None:
+    """Send ``event``; ``step`` names it on the progress display while luod works."""
     try:
-        with obj.open_state() as dev:
+        with obj.open_state() as dev, Steps(err_console) as steps:
+            if step:
+                steps.step(step.format(generation=dev.get_state().generation))
             try:
                 generation = dev.set_event(event)
             except OSError as exc:
@@ -149,7 +142,12 @@ def _event(obj: Context, event: uapi.LuodEvent, done: str) -> None:
 @click.pass_obj
 def prepare(obj: Context) -> None:
     """Run the pre-flight of a live update (NORMAL -> PREPARED)."""
-    _event(obj, uapi.LuodEvent.PREPARE, "prepared: the installed luod can read this generation")
+    _event(
+        obj,
+        uapi.LuodEvent.PREPARE,
+        "prepared: the installed luod can read this generation",
+        "pre-flight: the installed luod reads a dry-run image of generation {generation}",
+    )
 
 
 @main.command()
@@ -163,7 +161,12 @@ def cancel(obj: Context) -> None:
 @click.pass_obj
 def finish(obj: Context) -> None:
     """Finish every incoming session (UPDATED -> NORMAL)."""
-    _event(obj, uapi.LuodEvent.FINISH, "finished every incoming session")
+    _event(
+        obj,
+        uapi.LuodEvent.FINISH,
+        "finished every incoming session",
+        "finishing the incoming sessions of generation {generation}",
+    )
 
 
 @main.command()
@@ -182,13 +185,20 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
     flags = uapi.LUOD_REBOOT_NO_EXEC if no_exec else 0
     start = time.monotonic()
     try:
-        with obj.open_state() as dev:
-            old = dev.get_state().generation
-            try:
-                dev.set_event(uapi.LuodEvent.REBOOT, flags)
-            except OSError as exc:
-                raise _with_reason(dev, exc) from None
-        new = _wait_generation(obj, old + 1, start + wait)
+        with Steps(err_console) as steps:
+            with obj.open_state() as dev:
+                before = dev.get_state()
+                old = before.generation
+                sessions = count(before.outgoing_sessions, "session")
+                files = count(before.preserved_files, "file")
+                checks = "freeze" if no_exec else "pre-flight and freeze"
+                steps.step(f"{checks} of generation {old}: {sessions}, {files}")
+                try:
+                    dev.set_event(uapi.LuodEvent.REBOOT, flags)
+                except OSError as exc:
+                    raise _with_reason(dev, exc) from None
+            steps.step(f"generation {old + 1} starting: restoring {sessions}, {files}")
+            new = _wait_generation(obj, old + 1, start + wait)
     except OSError as exc:
         fail(exc)
     elapsed = time.monotonic() - start
@@ -225,7 +235,13 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--session", "name", required=True, help="The session holding the service's state.")
+@click.option(
+    "--session",
+    "name",
+    required=True,
+    shell_complete=complete_sessions,
+    help="The session holding the service's state.",
+)
 @click.option(
     "--keep-on-close",
     is_flag=True,
@@ -320,7 +336,7 @@ def _is_supervisor(pid: int, name: str) -> bool:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_sessions)
 @click.option(
     "--wait",
     type=click.FloatRange(min=0),
@@ -371,7 +387,7 @@ def _describe_file(file: FileInfo) -> str:
 
 
 @main.command()
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_sessions)
 @click.pass_obj
 def sessions(obj: Context, name: str | None) -> None:
     """List sessions (yours, or every one as root) and their files."""
@@ -417,7 +433,11 @@ def sessions(obj: Context, name: str | None) -> None:
 
 
 main.add_command(inspect)
+main.add_command(status)
+main.add_command(install_units)
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m`` would name the program after the interpreter: shell
+    # completion (_LUOCTL_COMPLETE) and the usage lines say luoctl.
+    main(prog_name="luoctl")

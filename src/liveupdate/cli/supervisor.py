@@ -129,6 +129,18 @@ def check_command(argv: Sequence[str]) -> None:
     raise command_error(program, errno.EACCES)
 
 
+def _announce(session: liveupdate.Session, pid: int, restarts: int, last_exit: int) -> None:
+    """LUOD_SESSION_SET_SERVICE, best effort: it only informs the operator.
+
+    An older luod (``ENOTTY``), one that went away (``ENODEV``) or anything
+    else never keeps the service from running.
+    """
+    try:
+        session.set_service(pid, restarts, last_exit)
+    except (OSError, ValueError):  # LiveUpdateError is an OSError
+        pass
+
+
 def _say(message: str) -> None:
     print(f"luoctl run: {message}", file=sys.stderr, flush=True)
 
@@ -175,6 +187,11 @@ class Supervisor:
         self._backoff = _BACKOFF_FIRST
         self._retry_at = 0.0
         self._first_attempt = False
+        #: Told to luod with the pid (LUOD_SESSION_SET_SERVICE, ``luoctl status``):
+        #: restarts after the service exited on its own, and how it last exited
+        #: (its status, or minus the signal; an update's stop counts too).
+        self.restart_count = 0
+        self.last_exit = 0
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -362,6 +379,10 @@ class Supervisor:
         self.state = SessionDirection.OUTGOING
         self.attached, self.handed_out = True, False
         self.generation = generation
+        # Not handed out yet: the service asks for this fd on its next call,
+        # so the supervisor may still call on it without mixing replies.
+        if self.proc is not None and self.proc.poll() is None:
+            _announce(outgoing, self.proc.pid, self.restart_count, self.last_exit)
         return recovered, copied
 
     def _await_luod(self, wake_r: int) -> bool:
@@ -473,10 +494,17 @@ class Supervisor:
         pass_fds.append(theirs.fileno())
         # The service dies with its supervisor: otherwise an orphan would keep
         # the session fds open and a new supervisor could not take over.
+        outgoing, restarts, last_exit = self.outgoing, self.restart_count, self.last_exit
+
+        def in_child() -> None:
+            _die_with_parent()
+            # The child tells luod its own pid, before exec: the supervisor is
+            # blocked in Popen and the service's code has not started, so
+            # nobody else reads the shared session fd's replies meanwhile.
+            _announce(outgoing, os.getpid(), restarts, last_exit)
+
         try:
-            self.proc = subprocess.Popen(
-                self.argv, env=env, pass_fds=pass_fds, preexec_fn=_die_with_parent
-            )
+            self.proc = subprocess.Popen(self.argv, env=env, pass_fds=pass_fds, preexec_fn=in_child)
         except OSError as exc:
             raise command_error(self.argv[0], exc.errno or errno.ENOEXEC) from None
         finally:
@@ -598,13 +626,13 @@ class Supervisor:
                 return 0 if rc in (0, -self._stop_signal) else rc
             if self._update:
                 self._update = False
-                rc = self.stop_service(self.stop_signal)
+                rc = self.last_exit = self.stop_service(self.stop_signal)
                 _say(f"update: service exit {rc}; handing session {self.name!r} over")
                 if not self._restart_with_state(wake_r):
                     _say("stopped while luod was away")
                     return 0
                 continue
-            rc = self.proc.returncode
+            rc = self.last_exit = self.proc.returncode
             if rc == 0 or self.restart == "no":
                 _say(f"service exited {rc}")
                 return _exit_status(rc)
@@ -612,6 +640,7 @@ class Supervisor:
                 _say(f"service crashed {rc}; too many restarts, giving up")
                 return _exit_status(rc)
             _say(f"service crashed ({rc}); restarting it with its state")
+            self.restart_count += 1
             if not self._restart_with_state(wake_r):
                 _say("stopped while luod was away")
                 return 0

@@ -241,6 +241,30 @@ class Session(_FdObject):
         self.ioctl(uapi.LUOD_SESSION_SET_FLAGS, arg)
         return int(arg.old_flags)
 
+    def set_service(self, pid: int, restarts: int = 0, last_exit: int = 0) -> None:
+        """LUOD_SESSION_SET_SERVICE: say which service uses this outgoing session.
+
+        ``pid`` 0 says that none runs now. ``restarts``: how many times its
+        supervisor restarted it; ``last_exit``: how it last exited (its status,
+        or minus the killing signal; 0: never). Shown by ``luoctl status``.
+        Values that do not fit the struct are a :class:`ValueError` (ctypes
+        would wrap them silently).
+        """
+        for what, value, low, high in (
+            ("pid", pid, 0, uapi.LUOD_SERVICE_PID_MAX),
+            ("restarts", restarts, 0, 0xFFFF_FFFF),
+            ("last_exit", last_exit, -(1 << 31), (1 << 31) - 1),
+        ):
+            if not low <= value <= high:
+                raise ValueError(f"{what} {value} is out of range ({low}..{high})")
+        arg = uapi.luod_session_set_service(
+            size=ctypes.sizeof(uapi.luod_session_set_service),
+            pid=pid,
+            restarts=restarts,
+            last_exit=last_exit,
+        )
+        self.ioctl(uapi.LUOD_SESSION_SET_SERVICE, arg)
+
     def keep_on_close(self, enabled: bool = True) -> None:
         """Hand the session over, rather than unpreserve it, if its holder dies."""
         self.set_flags(uapi.LUOD_SESSION_KEEP_ON_CLOSE if enabled else 0)
@@ -275,6 +299,17 @@ class Session(_FdObject):
         return f"<liveupdate.Session {name!r} {state} via {self.transport.name}>"
 
 
+_NS_PER_S = 1_000_000_000
+
+
+def _copies_name(value: int) -> str:
+    """``luod_get_state.copies`` as StateInfo says it (an unknown value as its number)."""
+    try:
+        return uapi.LuodCopies(value).name.lower()
+    except ValueError:
+        return str(value)
+
+
 @dataclass(frozen=True)
 class StateInfo:
     """The orchestrator's state as ``LUOD_IOCTL_GET_STATE`` reports it."""
@@ -292,6 +327,33 @@ class StateInfo:
     journal_error: int = 0
     #: ``lost_sessions`` is a lower bound: the previous holder's journal was out of date.
     lost_incomplete: bool = False
+    # Appended to GET_STATE later: a luod that does not know them leaves them
+    # at these defaults (its reply is shorter, the tail stays zero).
+    #: The serving luod's pid (0: not said).
+    pid: int = 0
+    #: Where luod keeps crash copies of what it holds: ``"off"``, ``"keeper"``, ``"fdstore"``.
+    copies: str = "off"
+    #: errno of the copies' last failure, or why they could not start (0: healthy, or off).
+    copies_error: int = 0
+    #: When this generation started serving (Unix time, seconds; 0.0: not said).
+    started: float = 0.0
+    #: When this line of generations started cold: luod's uptime counts from it.
+    cold_started: float = 0.0
+    #: When the live update that started this generation ended (0.0: a cold start).
+    last_reboot: float = 0.0
+    #: That live update's blackout in seconds, freeze to serving (0.0: none, or unknown).
+    last_reboot_blackout: float = 0.0
+    #: errno of the last REBOOT that failed in this generation (0: none).
+    last_reboot_error: int = 0
+    #: Sessions and files the crash copies gave back at this start.
+    recovered_sessions: int = 0
+    recovered_files: int = 0
+    #: luod's RLIMIT_NOFILE soft limit, the fds it has open, and those it keeps free.
+    fd_limit: int = 0
+    fds_open: int = 0
+    fd_reserve: int = 0
+    #: fds one preserved file costs: 2 with the copies on, 1 without.
+    fds_per_file: int = 0
 
 
 class Device(_FdObject):
@@ -341,6 +403,20 @@ class Device(_FdObject):
             last_error=uapi.decode_name(arg.last_error).decode(errors="replace"),
             journal_error=arg.journal_error,
             lost_incomplete=bool(arg.flags & uapi.LUOD_STATE_LOST_INCOMPLETE),
+            pid=arg.pid,
+            copies=_copies_name(arg.copies),
+            copies_error=arg.copies_error,
+            started=arg.started_ns / _NS_PER_S,
+            cold_started=arg.cold_started_ns / _NS_PER_S,
+            last_reboot=arg.last_reboot_ns / _NS_PER_S,
+            last_reboot_blackout=arg.last_reboot_blackout_ns / _NS_PER_S,
+            last_reboot_error=arg.last_reboot_error,
+            recovered_sessions=arg.recovered_sessions,
+            recovered_files=arg.recovered_files,
+            fd_limit=arg.fd_limit,
+            fds_open=arg.fds_open,
+            fd_reserve=arg.fd_reserve,
+            fds_per_file=arg.fds_per_file,
         )
 
     def set_event(self, event: uapi.LuodEvent, flags: int = 0) -> int:

@@ -183,7 +183,8 @@ _REASONS: dict[tuple[int, int], str] = {
     (uapi.LIVEUPDATE_SESSION_PRESERVE_FD, errno.EEXIST): "the token is already used "
     "in this session",
     (uapi.LIVEUPDATE_SESSION_PRESERVE_FD, errno.ENOSPC): "the session holds the maximum "
-    "number of files, or this user's file or memfd quota is used up",
+    "number of files, this user's file or memfd quota is used up, or luod's crash copies "
+    "hold all the files they can (see luod's copies-full event)",
     (uapi.LIVEUPDATE_SESSION_PRESERVE_FD, errno.EMFILE): "luod keeps its last fds for "
     "its own work (--fd-reserve)",
     (uapi.LIVEUPDATE_SESSION_PRESERVE_FD, errno.EBADF): "not an open file "

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from liveupdate import uapi
 from liveupdate.client.errors import LiveUpdateError, error_from_errno
 
-__all__ = ["FileInfo", "SessionInfo", "SessionListing", "parse_listing"]
+__all__ = ["FileInfo", "ServiceInfo", "SessionInfo", "SessionListing", "parse_listing"]
 
 T = TypeVar("T")
 
@@ -102,6 +102,31 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class ServiceInfo:
+    """The service a supervisor (``luoctl run``) said runs on a session
+    (``LUOD_SESSION_SET_SERVICE``)."""
+
+    pid: int
+    #: Times its supervisor restarted it after it exited.
+    restarts: int
+    #: How it last exited: its status (>= 0), minus the killing signal (< 0), 0: never.
+    last_exit: int
+
+    @classmethod
+    def from_json(cls, obj: object, what: str) -> ServiceInfo:
+        fields = _Fields(obj, f"{what}: service")
+        return cls(
+            pid=fields.take("pid", int),
+            restarts=fields.take("restarts", int),
+            last_exit=fields.take("last_exit", int),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object luod sent."""
+        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit}
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     """One listed session."""
 
@@ -123,6 +148,8 @@ class SessionInfo:
     files: tuple[FileInfo, ...] | None = None
     #: Fields this client does not know (a newer luod's).
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The service its supervisor said runs on it; ``None``: none said.
+    service: ServiceInfo | None = None
 
     @classmethod
     def from_json(cls, obj: object) -> SessionInfo:
@@ -133,6 +160,9 @@ class SessionInfo:
         files = None
         if fields.has("files"):
             files = tuple(FileInfo.from_json(f) for f in fields.take("files", list))
+        service = None
+        if fields.has("service"):
+            service = ServiceInfo.from_json(fields.take("service", dict), fields.what)
         return cls(
             name=name,
             direction=direction,
@@ -147,6 +177,7 @@ class SessionInfo:
             nfiles=fields.take("nfiles", int),
             files=files,
             extra=fields.extra(),
+            service=service,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +197,8 @@ class SessionInfo:
         }
         if self.files is not None:
             doc["files"] = [f.to_dict() for f in self.files]
+        if self.service is not None:
+            doc["service"] = self.service.to_dict()
         return {**doc, **self.extra}
 
 

@@ -28,13 +28,14 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from liveupdate import uapi
 from liveupdate.core.file import HandlerRegistry, PreservedFile, PreservedFiles
-from liveupdate.core.policy import Limits, Owner, may_access
+from liveupdate.core.policy import FdBudget, Limits, Owner, may_access
 from liveupdate.core.session import ReleaseCheck, Session, SessionSet
 from liveupdate.core.session_ops import parse_name
 from liveupdate.dispatch import IoctlOp
@@ -48,6 +49,7 @@ __all__ = [
     "LuoState",
     "Orchestrator",
     "RebootHost",
+    "RebootTimes",
     "StateListener",
 ]
 
@@ -65,7 +67,7 @@ def _never_released(_session: Session) -> bool:
     return False
 
 
-def _no_journal() -> int:
+def _no_error() -> int:
     return 0
 
 
@@ -82,7 +84,13 @@ class Hooks:
     released_meanwhile: ReleaseCheck = _never_released
     #: errno of the journal's last failed write, 0 when written or there is
     #: no journal (GET_STATE's ``journal_error``).
-    journal_error: Callable[[], int] = _no_journal
+    journal_error: Callable[[], int] = _no_error
+    #: errno of the crash copies' last failed update, or why they could not
+    #: start; 0 when up to date or turned off (GET_STATE's ``copies_error``).
+    copies_error: Callable[[], int] = _no_error
+    #: What a preserved file costs in fds and how many the copies hold; the
+    #: daemon fills it in once its copies are open.
+    budget: FdBudget = field(default_factory=FdBudget)
 
 
 class RebootHost(Protocol):
@@ -108,6 +116,15 @@ class RebootHost(Protocol):
 
     def commit_reboot(self, image: HandoverImage, no_exec: bool) -> None:
         """Write the final image and start the next generation after this reply."""
+
+
+@dataclass(frozen=True)
+class RebootTimes:
+    """When the live update that started a generation began and froze
+    (``CLOCK_REALTIME`` nanoseconds, carried in the image; 0: unknown)."""
+
+    started_ns: int = 0
+    frozen_ns: int = 0
 
 
 @dataclass
@@ -162,6 +179,17 @@ class Orchestrator:
         self.lost_sessions = lost_sessions
         self.lost_incomplete = lost_incomplete
         self.restore_error = restore_error
+        #: ``CLOCK_REALTIME`` ns when this generation started serving (:meth:`serving`).
+        self.started_ns = 0
+        #: ... and when its line of generations started cold (0: this one did).
+        self.cold_started_ns = 0
+        #: The live update this generation came from; ``None``: a cold start.
+        self.arrival: RebootTimes | None = None
+        #: Sessions and files the crash copies gave back at this (cold) start.
+        self.recovered_sessions = 0
+        self.recovered_files = 0
+        #: errno of the last REBOOT that failed in this generation (0: none).
+        self.last_reboot_error = 0
         self._state = LuoState.NORMAL
         #: Why the last state event failed (GET_STATE's ``last_error``).
         self.last_error = ""
@@ -174,6 +202,7 @@ class Orchestrator:
             self.preserved,
             self.hooks.released_meanwhile,
             self.settle_state,
+            self.hooks.budget,
         )
 
     # -- the state machine ----------------------------------------------------------
@@ -206,6 +235,35 @@ class Orchestrator:
     def journal_error(self) -> int:
         """errno of the journal's last failed write (0: written, or no journal)."""
         return self.hooks.journal_error()
+
+    def serving(self, now_ns: int | None = None) -> None:
+        """The daemon serves this generation from now (``CLOCK_REALTIME`` ns):
+        the start GET_STATE reports, and the end of the live update it came from."""
+        self.started_ns = time.time_ns() if now_ns is None else now_ns
+        if not self.cold_started_ns:
+            self.cold_started_ns = self.started_ns
+
+    @property
+    def last_reboot_ns(self) -> int:
+        """When the live update this generation came from ended (0: a cold start)."""
+        return self.started_ns if self.arrival is not None else 0
+
+    def _since_arrival(self, mark_ns: int) -> int:
+        if self.arrival is None or not mark_ns or not self.started_ns:
+            return 0
+        # CLOCK_REALTIME may step between two processes: never a negative time.
+        return max(0, self.started_ns - mark_ns)
+
+    @property
+    def reboot_blackout_ns(self) -> int:
+        """From the freeze of the live update this generation came from to its
+        serving (0: a cold start, or not known)."""
+        return self._since_arrival(self.arrival.frozen_ns if self.arrival else 0)
+
+    @property
+    def reboot_duration_ns(self) -> int:
+        """From the REBOOT call of that live update to this generation's serving (0: not known)."""
+        return self._since_arrival(self.arrival.started_ns if self.arrival else 0)
 
     # -- the device's operations --------------------------------------------------
 
@@ -280,6 +338,13 @@ def describe_session(session: Session, with_files: bool) -> dict[str, object]:
         # A finished session's files were released (or belong to its caller).
         "nfiles": 0 if session.finished else len(session.files),
     }
+    service = session.service
+    if service is not None:
+        desc["service"] = {
+            "pid": service.pid,
+            "restarts": service.restarts,
+            "last_exit": service.last_exit,
+        }
     if with_files and session.finished:
         desc["files"] = []
     elif with_files:

@@ -10,7 +10,9 @@ one place (``docs/security.md`` is the policy in prose):
 * :func:`may_access` (a session's owner and root only), :func:`is_privileged`
   (who drives the state machine) and :func:`quota_exempt`;
 * :class:`Limits` and :class:`Usage`, the global limits and per-uid quotas;
-* :func:`check_fd_reserve`, the fds luod keeps free for its own work.
+* :func:`check_fd_reserve`, the fds luod keeps free for its own work, and
+  :class:`FdBudget`, what a preserved file costs in fds once the crash copies
+  are kept (two: one in luod, one in the copies) and how many the copies hold.
 
 Pure policy: nothing here holds state; the session set measures the usage
 it checks against these limits.
@@ -19,15 +21,22 @@ it checks against these limits.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import resource
 from dataclasses import dataclass
 
+from liveupdate import uapi
+from liveupdate.events import event
+
 __all__ = [
+    "FdBudget",
     "Limits",
     "Owner",
     "Usage",
     "check_fd_reserve",
+    "fd_reserve",
+    "fds_open",
     "is_privileged",
     "may_access",
     "quota_exempt",
@@ -112,6 +121,19 @@ def quota_exempt(owner: Owner) -> bool:
     return owner.uid in (0, os.geteuid())
 
 
+def fd_reserve(limits: Limits, soft: int) -> int:
+    """The fds of a table of ``soft`` kept free: ``limits.fd_reserve``, at most
+    a quarter of the table, so that a tiny ``RLIMIT_NOFILE`` stays usable."""
+    if soft == resource.RLIM_INFINITY:
+        return limits.fd_reserve
+    return max(0, min(limits.fd_reserve, soft // 4))
+
+
+def fds_open() -> int:
+    """The fds this process has open now (a directory listing: not for a hot path)."""
+    return len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+
+
 def check_fd_reserve(limits: Limits, held: int) -> None:
     """``EMFILE`` when holding one more fd would eat into luod's reserve.
 
@@ -123,16 +145,69 @@ def check_fd_reserve(limits: Limits, held: int) -> None:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return
-    # A quarter of the table at most: a tiny RLIMIT_NOFILE stays usable.
-    reserve = min(limits.fd_reserve, soft // 4)
+    reserve = fd_reserve(limits, soft)
     if reserve <= 0:
         return
     if held + reserve + _FD_COUNT_MARGIN < soft:
         return
-    in_use = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+    in_use = fds_open()
     if in_use + reserve >= soft:
         raise OSError(
             errno.EMFILE,
             f"luod holds {in_use} fds of {soft}; the last {reserve} are kept for "
             "its own work (a reboot)",
+        )
+
+
+@dataclass
+class FdBudget:
+    """What one preserved file costs in fds, and how many files the crash copies hold.
+
+    With the copies on, every preserved file is held twice: by luod, and by
+    the keeper or systemd's fd store (``docs/concepts/crash-safety.md``).
+    luod's own table is bounded by :func:`check_fd_reserve`; the copies' by
+    ``copy_capacity``: the files the keeper's ``RLIMIT_NOFILE`` (less the same
+    reserve) or ``FileDescriptorStoreMax=`` (less the two state slots) can
+    take. A file beyond it would be held by luod alone and lost by a crash
+    without a word, so PRESERVE_FD refuses it (``ENOSPC``), whoever asks.
+
+    The daemon sets it once its copies are open; every generation of one
+    daemon shares it (it travels in the orchestrator's hooks).
+    """
+
+    #: Where the copies are kept (:class:`~liveupdate.uapi.LuodCopies`).
+    copies: uapi.LuodCopies = uapi.LuodCopies.OFF
+    #: Files the copies can hold; ``None``: bounded by luod's own table only.
+    copy_capacity: int | None = None
+    #: What the copies are called in an error message (the option to raise).
+    capacity_source: str = ""
+    #: Refusing now: said once (``copies-full``) until a file goes again.
+    full: bool = False
+
+    @property
+    def fds_per_file(self) -> int:
+        """1 without copies, 2 with them (one fd in luod, one in the copies)."""
+        return 1 if self.copies == uapi.LuodCopies.OFF else 2
+
+    def check_copy_room(self, files_held: int) -> None:
+        """``ENOSPC`` when the copies cannot take one more file than ``files_held``
+        (said once in the log, ``copies-full``, until a file goes again)."""
+        capacity = self.copy_capacity
+        if capacity is None or files_held < capacity:
+            if self.full:
+                self.full = False
+            return
+        if not self.full:
+            self.full = True
+            event(
+                "copies-full",
+                logging.WARNING,
+                files=capacity,
+                bound=self.capacity_source,
+                consequence="PRESERVE_FD answers ENOSPC until a file is released",
+            )
+        raise OSError(
+            errno.ENOSPC,
+            f"the crash copies hold at most {capacity} files ({self.capacity_source}); "
+            "one more would be lost by a crash of luod",
         )

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
+import resource
+import time
 from collections.abc import Callable
 
 from liveupdate import uapi
 from liveupdate.core.file import FreezeHook, HandlerRegistry
-from liveupdate.core.luo import DeviceCall, Hooks, Orchestrator, RebootHost
-from liveupdate.core.policy import Limits, Owner, is_privileged
+from liveupdate.core.luo import DeviceCall, Hooks, Orchestrator, RebootHost, RebootTimes
+from liveupdate.core.policy import Limits, Owner, fd_reserve, fds_open, is_privileged
 from liveupdate.core.session import Session
 from liveupdate.dispatch import IoctlOp
 from liveupdate.handover_abi import HandoverImage
@@ -67,7 +70,12 @@ def snapshot(luo: Orchestrator, writer: str = "") -> HandoverImage:
     Written before the freeze starts so that a holder killed mid-reboot
     leaves a record of what it held (the next cold start reports it lost).
     """
-    return HandoverImage(luo.generation, luo.sessions.records(), writer=writer)
+    return HandoverImage(
+        luo.generation,
+        luo.sessions.records(),
+        writer=writer,
+        cold_started_ns=luo.cold_started_ns,
+    )
 
 
 def freeze(luo: Orchestrator, hook: FreezeHook | None = None) -> HandoverImage:
@@ -143,6 +151,8 @@ def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
     """
     if luo.state == State.FROZEN:
         raise OSError(errno.EBUSY, "a reboot is in progress")
+    # From here on no other call is served until the next generation serves.
+    started_ns = time.time_ns()
     try:
         _check_names(luo)
     except OSError as exc:
@@ -157,8 +167,11 @@ def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
         if not checked and not no_exec:
             host.preflight(_dry_run_image(luo))
         luo.set_state(State.FROZEN)
+        frozen_ns = time.time_ns()
         image = freeze(luo, host.freeze_hook)
         frozen = True
+        # Stamped, not compared: the image is still the one the pre-flight checked.
+        image.reboot_started_ns, image.frozen_ns = started_ns, frozen_ns
         host.commit_reboot(image, no_exec)
     except Exception as exc:
         if frozen:
@@ -201,6 +214,8 @@ def restore(
     """
     luo = Orchestrator(registry, limits, generation=image.liveupdate_number + 1, hooks=hooks)
     luo.sessions.restore(image.sessions, on_session)
+    luo.cold_started_ns = image.cold_started_ns
+    luo.arrival = RebootTimes(image.reboot_started_ns, image.frozen_ns)
     return luo
 
 
@@ -222,6 +237,30 @@ def _get_state(call: DeviceCall, arg: ctypes.Structure) -> None:
     arg.flags = uapi.LUOD_STATE_LOST_INCOMPLETE if luo.lost_incomplete else 0
     text = luo.last_error.encode(errors="replace")[: uapi.LUOD_ERROR_LENGTH - 1]
     ctypes.memmove(arg.last_error, text, len(text))
+    # What the operator reads first (``luoctl status``): computed here, when
+    # asked, never on the path of the other calls.
+    budget = luo.hooks.budget
+    arg.pid = os.getpid()
+    arg.copies = budget.copies
+    arg.copies_error = luo.hooks.copies_error()
+    arg.last_reboot_error = luo.last_reboot_error
+    arg.recovered_sessions = luo.recovered_sessions
+    arg.recovered_files = luo.recovered_files
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    arg.fd_limit = min(soft, _U32_MAX) if soft != resource.RLIM_INFINITY else _U32_MAX
+    try:
+        arg.fds_open = fds_open()
+    except OSError:  # not even one fd free to list them: the table is full
+        arg.fds_open = arg.fd_limit
+    arg.fd_reserve = min(fd_reserve(luo.limits, soft), _U32_MAX)
+    arg.fds_per_file = budget.fds_per_file
+    arg.started_ns = luo.started_ns
+    arg.cold_started_ns = luo.cold_started_ns
+    arg.last_reboot_ns = luo.last_reboot_ns
+    arg.last_reboot_blackout_ns = luo.reboot_blackout_ns
+
+
+_U32_MAX = 0xFFFF_FFFF
 
 
 def _host(call: DeviceCall) -> RebootHost:
@@ -263,7 +302,11 @@ def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
     elif event == Event.CANCEL:
         cancel(luo)
     elif event == Event.REBOOT:
-        start_reboot(luo, _host(call), bool(arg.flags & uapi.LUOD_REBOOT_NO_EXEC))
+        try:
+            start_reboot(luo, _host(call), bool(arg.flags & uapi.LUOD_REBOOT_NO_EXEC))
+        except OSError as exc:
+            luo.last_reboot_error = exc.errno or errno.EIO
+            raise
     else:
         finish_all(luo, None if privileged else call.owner)
 

@@ -33,18 +33,39 @@ from liveupdate.core.file import (
     PreservedFiles,
     usable_fd,
 )
-from liveupdate.core.policy import Limits, Owner, Usage, check_fd_reserve, may_access, quota_exempt
+from liveupdate.core.policy import (
+    FdBudget,
+    Limits,
+    Owner,
+    Usage,
+    check_fd_reserve,
+    may_access,
+    quota_exempt,
+)
 from liveupdate.events import event
 from liveupdate.handover_abi import IMAGE_FLAG_AWAITING_SUCCESSOR, SessionRecord
 
 __all__ = [
     "ReleaseCheck",
+    "ServiceStatus",
     "Session",
     "SessionSet",
     "session_record",
 ]
 
 Direction = uapi.SessionDirection
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """The service a supervisor runs on a session (LUOD_SESSION_SET_SERVICE),
+    for the operator only: luod never acts on it, and never hands it over."""
+
+    pid: int
+    #: Times its supervisor restarted it after it exited.
+    restarts: int = 0
+    #: Its last exit status (>= 0), minus the signal that killed it (< 0), 0: never exited.
+    last_exit: int = 0
 
 
 @dataclass(eq=False)
@@ -57,6 +78,7 @@ class Session:
     marks one handed over by a per-session update or keep-on-close (not by
     a reboot): it waits for its successor even across a reboot of luod.
     ``endpoint`` is whatever the transport attached; the core never looks.
+    ``service`` is what its supervisor last said of the service using it.
     """
 
     name: bytes
@@ -69,6 +91,7 @@ class Session:
     finished: bool = False
     endpoint: object | None = None
     handed_over: bool = False
+    service: ServiceStatus | None = None
 
     @property
     def display_name(self) -> str:
@@ -133,6 +156,8 @@ class SessionSet:
         released_meanwhile: The transport's close check (:data:`ReleaseCheck`).
         incoming_changed: Called after an incoming session appeared or was
             finished (the orchestrator settles its state).
+        budget: What a file costs in fds and how many the crash copies hold
+            (the daemon's; by default no copies).
     """
 
     def __init__(
@@ -142,9 +167,11 @@ class SessionSet:
         preserved: PreservedFiles,
         released_meanwhile: ReleaseCheck,
         incoming_changed: Callable[[], None],
+        budget: FdBudget | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
+        self.budget = budget if budget is not None else FdBudget()
         self._preserved = preserved
         self._reap = released_meanwhile
         self._incoming_changed = incoming_changed
@@ -369,6 +396,7 @@ class SessionSet:
             session.retrieved = False
             session.finished = False
             session.handed_over = True
+            session.service = None  # it stopped; its successor says what runs next
             self._incoming[session.name] = session
         self._mutations += 1
         self._incoming_changed()
@@ -420,8 +448,9 @@ class SessionSet:
 
         Checks in Linux 7.3's order: EEXIST, ENOSPC, EBADF, ENOENT, EBUSY, then
         the handler's; luod's fit in between (``docs/security.md``): the file
-        quota (``ENOSPC``) with the session's, the fd reserve (``EMFILE``) once
-        the fd is usable, memfd bytes (``ENOSPC``) once the file is free.
+        quota (``ENOSPC``) with the session's, the fd reserve (``EMFILE``) and
+        the crash copies' room (``ENOSPC``) once the fd is usable, memfd bytes
+        (``ENOSPC``) once the file is free.
         """
         session.files.check_token(token, self.limits.max_files)
         # Charged to the session's owner, whoever holds its fd.
@@ -429,6 +458,7 @@ class SessionSet:
         usage = None if quota_exempt(owner) else self._file_quota_usage(session)
         fd, st = usable_fd(fds_in)
         self.check_fd_reserve()
+        self.budget.check_copy_room(self._total.files)
         handler = self.registry.find(fd, st)
         key = handler.file_key(fd, st)
         for holder in self._preserved.holders(key):
@@ -502,6 +532,14 @@ class SessionSet:
         session.flags = flags
         self._mutations += 1
         return old
+
+    def set_service(self, session: Session, service: ServiceStatus | None) -> None:
+        """Record the service running on ``session`` (``None``: none runs now).
+
+        Not a change to what is handed over or copied (it is neither): the
+        mutation counter stays, and the copies send nothing.
+        """
+        session.service = service
 
     # -- the reboot: freeze, serialize, restore ----------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from liveupdate import uapi
 from liveupdate.core.policy import Owner, may_access
-from liveupdate.core.session import Session, SessionSet
+from liveupdate.core.session import ServiceStatus, Session, SessionSet
 from liveupdate.dispatch import IoctlOp
 
 __all__ = ["SESSION_OPS", "SessionCall", "parse_name"]
@@ -131,6 +131,18 @@ def _sync(call: SessionCall, arg: ctypes.Structure) -> None:
     _no_reserved(arg.reserved)
 
 
+def _set_service(call: SessionCall, arg: ctypes.Structure) -> None:
+    assert isinstance(arg, uapi.luod_session_set_service)
+    _no_reserved(arg.reserved)
+    if arg.flags:
+        raise OSError(errno.EOPNOTSUPP, f"unknown flags {arg.flags:#x}")
+    if arg.pid > uapi.LUOD_SERVICE_PID_MAX:
+        raise OSError(errno.EINVAL, f"pid {arg.pid} is beyond any pid Linux gives")
+    call.check_owner("say which service uses it")
+    service = ServiceStatus(arg.pid, arg.restarts, arg.last_exit) if arg.pid else None
+    call.sessions.set_service(call.session, service)
+
+
 #: The session ioctls (upstream, then luod's extensions);
 #: :func:`liveupdate.core.tables.session_table` builds the table from them.
 SESSION_OPS: list[IoctlOp[SessionCall]] = [
@@ -142,4 +154,5 @@ SESSION_OPS: list[IoctlOp[SessionCall]] = [
     IoctlOp(uapi.SESSION_SET_FLAGS, _set_flags),
     IoctlOp(uapi.SESSION_UNPRESERVE_FD, _unpreserve_fd),
     IoctlOp(uapi.SESSION_SYNC, _sync),
+    IoctlOp(uapi.SESSION_SET_SERVICE, _set_service),
 ]

@@ -50,6 +50,7 @@ from liveupdate.handover_abi import (
 )
 from liveupdate.handover_codec import decode_image, encode_image
 from liveupdate.server import systemd
+from liveupdate.uapi import LuodCopies
 
 __all__ = [
     "STATE_NAME",
@@ -70,10 +71,17 @@ MAGIC = b"luod-copies 1\n"
 STATE_NAME = "luod-state"
 #: The fd store's names of the files start with this.
 FILE_PREFIX = "f-"
+#: fd store slots the state takes: two, since a new snapshot is stored
+#: before the old one is removed (one of them is always whole).
+STATE_SLOTS = 2
 #: A sync quicker than this (seconds) may run at every idle turn of the loop.
 QUICK_SYNC = 0.005
 #: After a slower sync, the next waits this many times its duration.
 PAUSE_FACTOR = 4
+#: After a live update, the new generation's first sync (a full snapshot:
+#: ~0.15 s for 2000 sessions) waits this long, so that the clients waiting
+#: in the backlog are answered first: it is not part of the blackout.
+AFTER_REBOOT_GRACE = 0.1
 #: Largest snapshot read back (a bad one is refused, never loaded whole).
 MAX_SNAPSHOT = 256 << 20
 #: A full snapshot replaces the delta log once the log holds this many deltas...
@@ -359,6 +367,10 @@ def recover(
                     )
                 )
         luo = reboot.restore(HandoverImage(generation, records), registry, limits, hooks)
+        # A restart after a crash is a cold start (a new line of generations),
+        # not a live update: no reboot to report, the copies' counts instead.
+        luo.arrival = None
+        luo.recovered_sessions, luo.recovered_files = len(records), files
     except BaseException:
         for fd in dups:
             os.close(fd)
@@ -460,6 +472,8 @@ class Copies:
     """
 
     name = "copies"
+    #: What GET_STATE calls them.
+    kind = LuodCopies.OFF
     #: Whether :meth:`_send_delta` is supported (else every sync is full).
     deltas = False
 
@@ -477,6 +491,13 @@ class Copies:
         self._delta_count = 0
         self._delta_bytes = 0
         self.error = 0
+
+    def hold_off(self, seconds: float) -> None:
+        """No sync for ``seconds`` (the first turns after a live update: the
+        copies still hold the previous generation's sessions, which a
+        restart would give back as incoming, as the handover did; only what
+        changes meanwhile is not copied yet)."""
+        self._next_sync = time.monotonic() + seconds
 
     def sync(self, luo: Orchestrator) -> float | None:
         """Bring the copies up to date if due; seconds until the next try.
@@ -579,6 +600,11 @@ class Copies:
     def _send_delta(self, adds: dict[str, int], line: bytes, removes: list[str]) -> None:
         raise NotImplementedError
 
+    def capacity(self, limits: Limits) -> tuple[int, str] | None:
+        """How many files these copies can hold, and what bounds it (for an
+        error message); ``None``: nothing known bounds them but luod's own table."""
+        return None
+
     def stop(self) -> None:
         """A clean stop: the sessions were released on purpose, drop the copies."""
 
@@ -590,6 +616,7 @@ class FdStoreCopies(Copies):
     """The copies in systemd's fd store (``FileDescriptorStoreMax=``)."""
 
     name = "fdstore"
+    kind = LuodCopies.FDSTORE
 
     def __init__(
         self, writer: str = "", given_back: Mapping[str, int] | None = None, seq: int = 0
@@ -620,6 +647,14 @@ class FdStoreCopies(Copies):
         self._state_slot = 1 - slot
         for name in removes:
             systemd.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+    def capacity(self, limits: Limits) -> tuple[int, str] | None:
+        """``FileDescriptorStoreMax=``, less the state's slots: systemd drops
+        (and only logs) what does not fit, so luod must not accept more."""
+        most = systemd.fd_store_max()
+        return max(0, most - STATE_SLOTS), (
+            f"FileDescriptorStoreMax={most}, less {STATE_SLOTS} for the state"
+        )
 
     def stop(self) -> None:
         for name in list(self._held or ()):

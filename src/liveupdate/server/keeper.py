@@ -40,11 +40,26 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from liveupdate.core.policy import Limits, fd_reserve
 from liveupdate.server.fdstore import Copies, sealed_memfd
+from liveupdate.uapi import LuodCopies
 
-__all__ = ["KEEPER_SOCKET", "MAX_FDS", "Keeper", "KeeperCopies", "keeper_main", "start_keeper"]
+__all__ = [
+    "KEEPER_PID",
+    "KEEPER_SOCKET",
+    "MAX_FDS",
+    "Keeper",
+    "KeeperCopies",
+    "is_keeper",
+    "keeper_main",
+    "nofile_hard_limit",
+    "start_keeper",
+]
 
 KEEPER_SOCKET = "keeper.sock"
+#: The keeper's pid, as luod last learnt it, in the state directory: a luod
+#: that only reconnects (the next generation of a live update) reads it there.
+KEEPER_PID = "keeper.pid"
 #: What ``ps``/``pgrep`` show for the keeper.
 PROCESS_NAME = b"luo-keeper"
 #: fds per SCM_RIGHTS message (the kernel's SCM_MAX_FD).
@@ -339,6 +354,25 @@ def start_keeper(dir_fd: int, env: Mapping[str, str]) -> int:
     return proc.pid
 
 
+def is_keeper(pid: int) -> bool:
+    """Whether ``pid`` is a keeper now (a pid read from a file may have been reused)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as comm:
+            return comm.read().strip() == PROCESS_NAME
+    except OSError:
+        return False
+
+
+def nofile_hard_limit(pid: int) -> int | None:
+    """The hard ``RLIMIT_NOFILE`` of process ``pid`` (``None``: unlimited or unreadable)."""
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                hard = line[len("Max open files") :].split()[1]
+                return int(hard) if hard.isdigit() else None
+    return None
+
+
 def connect_keeper(dir_fd: int) -> socket.socket | None:
     """A connection to the keeper of this state directory (``None``: none
     listens); :class:`PermissionError` when another user listens there."""
@@ -358,6 +392,7 @@ class KeeperCopies(Copies):
     """The copies in the keeper process."""
 
     name = "keeper"
+    kind = LuodCopies.KEEPER
     deltas = True
 
     def __init__(self, sock: socket.socket, pid: int, writer: str = "") -> None:
@@ -381,6 +416,9 @@ class KeeperCopies(Copies):
                     raise OSError(errno.ECONNRESET, "the keeper hung up")
                 header, fds = message
                 if header.get("op") == "state":
+                    pid = header.get("pid")
+                    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+                        self.pid = pid
                     for fd in fds:
                         state = read_memfd(fd)
                         os.close(fd)
@@ -407,6 +445,23 @@ class KeeperCopies(Copies):
             for fd in files.values():
                 os.close(fd)
             raise
+
+    def capacity(self, limits: Limits) -> tuple[int, str] | None:
+        """The keeper's own ``RLIMIT_NOFILE`` (its hard limit: it raises its
+        soft one to it), less the reserve luod keeps in its own table, read
+        from ``/proc`` at the keeper's pid: a keeper that outlived a crash may
+        run under another limit than the luod started again. ``None`` while
+        its pid is not known (``SO_PEERCRED`` names whoever bound the socket:
+        luod, not the keeper)."""
+        if self.pid <= 0 or not is_keeper(self.pid):
+            return None
+        try:
+            limit = nofile_hard_limit(self.pid)
+        except OSError:
+            return None
+        if limit is None:
+            return None
+        return limit - fd_reserve(limits, limit), f"the keeper's RLIMIT_NOFILE of {limit}"
 
     def _send(self, adds: dict[str, int], state: bytes, removes: list[str], full: bool) -> None:
         if full:

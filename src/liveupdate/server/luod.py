@@ -37,10 +37,11 @@ from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry
 from liveupdate.core.handlers import default_registry
 from liveupdate.core.luo import Hooks, LuoState, Orchestrator
+from liveupdate.core.policy import FdBudget, Limits
 from liveupdate.core.session import Session
 from liveupdate.events import event
 from liveupdate.handover_abi import HandoverError, HandoverImage
-from liveupdate.handover_codec import decode_image
+from liveupdate.handover_codec import decode_image, restamped_reboot_times
 from liveupdate.server import fdstore, systemd
 from liveupdate.server.config import Config, gid_of
 from liveupdate.server.faults import FaultInjector, FaultStep
@@ -58,6 +59,7 @@ from liveupdate.server.reexec import (
 from liveupdate.server.safefs import StateDir, UnsafePathError
 from liveupdate.server.successor import Handed, Predecessor, SuccessorError
 from liveupdate.server.transport import DeviceServer, ServerHooks
+from liveupdate.uapi import LuodCopies
 from liveupdate.version import __version__
 
 if TYPE_CHECKING:
@@ -367,6 +369,8 @@ def _shut_down(
     server.luo.close()
     if copies is not None:
         copies.stop()  # released on purpose: the copies go too
+        if copies.kind == LuodCopies.KEEPER:
+            ground.state_dir.unlink(_keeper_pid_file())
     journal.remove()
     if server.luo.restore_error is None:
         # Released on purpose, like the journal: an intent or image left by
@@ -412,6 +416,8 @@ def run(
     journal: Journal | None = None
     state_file_dir: StateDir | None = None
     copies: Copies | None = None
+    #: errno of copies that could not start (0: on, or turned off).
+    copies_failed = 0
     recovered: Recovered | None = None
 
     def released_meanwhile(session: Session) -> bool:
@@ -430,6 +436,8 @@ def run(
         on_state_change=on_state_change,
         released_meanwhile=released_meanwhile,
         journal_error=lambda: journal.error if journal is not None else 0,
+        copies_error=lambda: copies.error if copies is not None else copies_failed,
+        budget=FdBudget(),
     )
     if predecessor is not None:
         taken = _take_over(config, predecessor, registry, faults, luo_hooks)
@@ -440,7 +448,9 @@ def run(
         back: tuple[Orchestrator, Recovered] | None = None
         if handover is None:
             ground = _cold_start(config)
-            copies, back = _open_copies(config, ground, child_env, registry, luo_hooks, True)
+            copies, back, copies_failed = _open_copies(
+                config, ground, child_env, registry, luo_hooks, True
+            )
             from liveupdate.server.lossreport import find_lost, forget_records
 
             if back is None:
@@ -456,7 +466,12 @@ def run(
                 config, handover, ground.state_dir, registry, faults, lost, luo_hooks
             )
     if copies is None and (handover is not None or predecessor is not None):
-        copies, _ = _open_copies(config, ground, child_env, registry, luo_hooks, False)
+        copies, _, copies_failed = _open_copies(
+            config, ground, child_env, registry, luo_hooks, False
+        )
+        if copies is not None:
+            copies.hold_off(fdstore.AFTER_REBOOT_GRACE)
+    _set_budget(luo_hooks.budget, copies, config.limits)
     state_dir, state_file_dir = ground.state_dir, ground.state_file_dir
     journal = Journal(state_dir, config.journal_interval, f"luod {__version__}")
     _write_pid(ground.lock_fd)
@@ -486,6 +501,7 @@ def run(
         copies=copies.name if copies is not None else "off",
         recovered_sessions=recovered.sessions if recovered is not None else 0,
     )
+    luo.serving()
     # The line operators (and tests) wait for: the socket listens now.
     event("serving", socket=config.socket_path, generation=luo.generation)
     main_pid = [f"MAINPID={os.getpid()}"] if predecessor is not None else []
@@ -499,6 +515,13 @@ def run(
     return 0
 
 
+def _set_budget(budget: FdBudget, copies: Copies | None, limits: Limits) -> None:
+    """What a preserved file costs with these ``copies``, and how many they hold."""
+    budget.copies = copies.kind if copies is not None else LuodCopies.OFF
+    room = copies.capacity(limits) if copies is not None else None
+    budget.copy_capacity, budget.capacity_source = room if room is not None else (None, "")
+
+
 def _open_copies(
     config: Config,
     ground: Ground,
@@ -506,9 +529,10 @@ def _open_copies(
     registry: HandlerRegistry,
     hooks: Hooks,
     recover: bool,
-) -> tuple[Copies | None, tuple[Orchestrator, Recovered] | None]:
+) -> tuple[Copies | None, tuple[Orchestrator, Recovered] | None, int]:
     """Where this generation keeps its copies (``--keeper``), and on a cold
-    start (``recover``) the generation rebuilt from what they held."""
+    start (``recover``) the generation rebuilt from what they held; last, the
+    errno of copies that could not start (0: they did, or are turned off)."""
     writer = f"luod {__version__}"
     mode = config.keeper
     if mode == "auto":
@@ -516,7 +540,7 @@ def _open_copies(
     given = ground.given_back
     if mode == "off":
         _close_all(given)
-        return None, None
+        return None, None, 0
     if mode == "fdstore":
         back = None
         state = fdstore.given_back_state(given) if recover else None
@@ -527,7 +551,7 @@ def _open_copies(
         copies = fdstore.FdStoreCopies(writer, given, state[1] if state is not None else 0)
         _close_all(given)
         event("copies", kind="fdstore", max=systemd.fd_store_max())
-        return copies, back
+        return copies, back, 0
     from liveupdate.server import keeper
 
     _close_all(given)
@@ -538,7 +562,7 @@ def _open_copies(
             kept = keeper.KeeperCopies(sock, 0, writer)
             back = None
             if recover:
-                data, files = kept.fetch()
+                data, files = kept.fetch()  # it says its pid too
                 try:
                     if data is not None:
                         back = fdstore.recover_or_report(
@@ -546,10 +570,14 @@ def _open_copies(
                         )
                 finally:
                     _close_all(files)
+                _note_keeper_pid(ground.state_dir, kept.pid)
+            else:  # the next generation of a live update: read, not written (an fsync)
+                kept.pid = _keeper_pid(ground.state_dir)
             event("copies", kind="keeper", action="reconnected")
-            return kept, back
+            return kept, back, 0
         env = child_env if child_env is not None else child_environment()
         pid = keeper.start_keeper(dir_fd, env)
+        _note_keeper_pid(ground.state_dir, pid)
         sock = keeper.connect_keeper(dir_fd)
         if sock is None:
             raise OSError(errno.ECONNREFUSED, "the keeper does not listen")
@@ -560,9 +588,36 @@ def _open_copies(
             error=str(exc),
             consequence="a crash of luod loses what it holds",
         )
-        return None, None
+        return None, None, exc.errno or errno.EIO
     event("copies", kind="keeper", action="started", keeper_pid=pid)
-    return keeper.KeeperCopies(sock, pid, writer), None
+    return keeper.KeeperCopies(sock, pid, writer), None, 0
+
+
+def _keeper_pid_file() -> str:
+    """The name of the keeper's pid file (the keeper module is imported only
+    when the keeper is used)."""
+    from liveupdate.server.keeper import KEEPER_PID
+
+    return KEEPER_PID
+
+
+def _note_keeper_pid(state_dir: StateDir, pid: int) -> None:
+    """Write the keeper's pid where the next generation reads it (best effort:
+    without it, only the keeper's fd budget goes unchecked)."""
+    if pid > 0:
+        try:
+            state_dir.write_atomic(_keeper_pid_file(), f"{pid}\n".encode())
+        except OSError:
+            pass
+
+
+def _keeper_pid(state_dir: StateDir) -> int:
+    """The keeper's pid as the previous generation wrote it (0: not known)."""
+    try:
+        text = state_dir.read(_keeper_pid_file()).decode("ascii", errors="replace").strip()
+    except (OSError, UnsafePathError):
+        return 0
+    return int(text) if text.isdigit() else 0
 
 
 def _close_all(fds: dict[str, int]) -> None:
@@ -667,12 +722,18 @@ def _restore_handed(
     number the same file has here (a file the image names but that was not
     handed over fails the restore, like a missing inherited fd).
 
-    An image byte for byte the dry-run one checked last (``checked``: a
-    REBOOT with nothing changed since PREPARE) is not decoded again: the
-    same bytes were read by the same decoder moments ago.
+    An image byte for byte the dry-run one checked last but for the
+    reboot's times stamped in it (``checked``: a REBOOT with nothing changed
+    since PREPARE) is not decoded again: the same bytes were read by the
+    same decoder moments ago.
     """
     data = state_dir.read(IMAGE_NAME)
-    image = checked.image if checked is not None and checked.data == data else decode_image(data)
+    times = restamped_reboot_times(checked.data, data) if checked is not None else None
+    if checked is not None and times is not None:
+        image = checked.image
+        image.reboot_started_ns, image.frozen_ns = times
+    else:
+        image = decode_image(data)
     for session in image.sessions:
         for file in session.files:
             if file.fd >= 0:

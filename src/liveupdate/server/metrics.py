@@ -19,6 +19,14 @@ A scrape during a live update's blackout (the loop is busy handing over)
 waits up to :data:`SNAPSHOT_WAIT` seconds, then answers the last snapshot.
 The next generation binds the same address once the old one has let it go.
 Each metric is described in ``docs/guides/metrics.md``.
+
+**Why the reboot histograms start afresh in each generation.** The
+generation that measures a live update is the next one: the image carries
+when the REBOOT began and when the freeze began, and the new generation,
+once it serves, knows the duration and the blackout. Each generation's
+histograms thus hold one observation, the live update that started it (none
+after a cold start); nothing is carried from one generation's metrics to the
+next. They are made at scrape time from the orchestrator, like the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +54,13 @@ __all__ = ["SNAPSHOT_WAIT", "MetricsEndpoint", "Snapshot", "parse_address", "tak
 SNAPSHOT_WAIT = 2.0
 #: How long a new generation keeps trying to bind the address its predecessor holds.
 BIND_RETRY = 30.0
+#: Upper bounds (seconds) of the reboot histograms' buckets: a blackout is
+#: milliseconds for a few sessions, about a second for thousands.
+REBOOT_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0),
+)
+_NS_PER_S = 1e9
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -71,6 +86,13 @@ class Snapshot:
     restored_sessions: int = 0
     connections: int = 0
     started: float = 0.0
+    #: The live update that started this generation (seconds; 0: none, or unknown).
+    reboot_blackout: float = 0.0
+    reboot_duration: float = 0.0
+    recovered_sessions: int = 0
+    recovered_files: int = 0
+    copies: str = "off"
+    copies_error: int = 0
 
 
 def take_snapshot(server: DeviceServer, restored: int, started: float) -> Snapshot:
@@ -84,7 +106,13 @@ def take_snapshot(server: DeviceServer, restored: int, started: float) -> Snapsh
         lost_sessions=luo.lost_sessions,
         restored_sessions=restored,
         connections=len(server.endpoints),
-        started=started,
+        started=luo.started_ns / _NS_PER_S if luo.started_ns else started,
+        reboot_blackout=luo.reboot_blackout_ns / _NS_PER_S,
+        reboot_duration=luo.reboot_duration_ns / _NS_PER_S,
+        recovered_sessions=luo.recovered_sessions,
+        recovered_files=luo.recovered_files,
+        copies=luo.hooks.budget.copies.name.lower(),
+        copies_error=luo.hooks.copies_error(),
     )
     for direction, table in (
         ("outgoing", luo.sessions.outgoing),
@@ -96,6 +124,18 @@ def take_snapshot(server: DeviceServer, restored: int, started: float) -> Snapsh
                 snap.files[(direction, file.handler.compatible)] += 1
                 snap.memfd_bytes += file.charge
     return snap
+
+
+def _histogram(name: str, documentation: str, seconds: float) -> Metric:
+    """A histogram holding ``seconds`` as its one observation (none when 0)."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    seen = 1 if seconds > 0 else 0
+    buckets = [(repr(bound), seen if seconds <= bound else 0) for bound in REBOOT_BUCKETS]
+    buckets.append(("+Inf", seen))
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], buckets, seconds if seen else 0.0)
+    return family
 
 
 def _ioctl(cmd: int) -> str:
@@ -179,6 +219,35 @@ class _Collector:
         )
         started.add_metric([], snap.started)
         yield started
+        yield _histogram(
+            "luod_reboot_blackout_seconds",
+            "Freeze to the next generation serving, of the live update that started this one.",
+            snap.reboot_blackout,
+        )
+        yield _histogram(
+            "luod_reboot_duration_seconds",
+            "REBOOT call to the next generation serving, of the live update that started this one.",
+            snap.reboot_duration,
+        )
+        for what, value in (("sessions", snap.recovered_sessions), ("files", snap.recovered_files)):
+            recovered = GaugeMetricFamily(
+                f"luod_recovered_{what}",
+                f"{what.capitalize()} the crash copies gave back at this start.",
+            )
+            recovered.add_metric([], value)
+            yield recovered
+        copies = GaugeMetricFamily(
+            "luod_copies", "1 for where crash copies are kept.", labels=["kind"]
+        )
+        for kind in ("off", "keeper", "fdstore"):
+            copies.add_metric([kind], 1 if snap.copies == kind else 0)
+        yield copies
+        copies_error = GaugeMetricFamily(
+            "luod_copies_error",
+            "errno of the crash copies' last failure, or why they could not start (0: healthy).",
+        )
+        copies_error.add_metric([], snap.copies_error)
+        yield copies_error
 
 
 class MetricsEndpoint:

@@ -48,7 +48,7 @@ from liveupdate.core.luo import Hooks, LuoState, Orchestrator
 from liveupdate.core.policy import Limits
 from liveupdate.events import event
 from liveupdate.handover_abi import HandoverError, HandoverImage
-from liveupdate.handover_codec import decode_image, encode_image
+from liveupdate.handover_codec import decode_image, encode_image, stamp_reboot_times
 from liveupdate.server import systemd
 from liveupdate.server.faults import FAULT_ENV, FaultInjector, FaultStep
 from liveupdate.server.journal import IMAGE_NAME, LAST_IMAGE_NAME, MARKER_NAME, Journal
@@ -301,9 +301,12 @@ class ReexecDriver:
     def _image_bytes(self, image: HandoverImage) -> bytes:
         """The encoded ``image``: the dry-run's bytes when it is the image the
         successor checked (the encoding is deterministic: equal images give
-        equal bytes, and comparing records costs a fraction of encoding them)."""
+        equal bytes, and comparing records costs a fraction of encoding them),
+        with the reboot's times stamped in place."""
         if self.dry_run is not None and self.dry_run[0] == image:
-            return self.dry_run[1]
+            stamped = stamp_reboot_times(self.dry_run[1], image.reboot_started_ns, image.frozen_ns)
+            if stamped is not None:
+                return stamped
         return encode_image(image)
 
     def _forget_intent(self) -> None:
@@ -410,6 +413,7 @@ class ReexecDriver:
             self.dir, IMAGE_NAME, self.registry, self.limits, self.faults, old.hooks
         )
         self.transport.replace_generation(new)
+        new.serving()
         # The state file said "frozen": it says the new generation's state.
         new.hooks.on_state_change(new.state)
         elapsed = time.monotonic() - self.started_at
