@@ -10,6 +10,12 @@ connections and nothing they sent is lost.
 Crash safety of the data: a chunk is only consumed from the socket (``recv``)
 after its echo was sent (it is first read with ``MSG_PEEK``), so a crash at
 any point can repeat an echo but never lose one.
+
+Updates are pre-started: the service watches ``svc.freeze_fd()``, so
+``luoctl update echo`` starts the next instance first (it waits in
+``svc.restore()`` until the hand-over) and asks this one to freeze only once
+that one is ready. Freezing is immediate here: every echo is finished before
+the loop turns, and every connection is already in the session.
 """
 
 from __future__ import annotations
@@ -55,11 +61,19 @@ def main() -> int:
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ, None)
+    # Opting in to pre-started updates: readable when asked to freeze.
+    sel.register(svc.freeze_fd(), selectors.EVENT_READ, "freeze")
     for token, conn in conns.items():
         sel.register(conn, selectors.EVENT_READ, token)
     print(f"echo_service pid {os.getpid()}: {svc.state}, {len(conns)} connections", flush=True)
     while not stopping:
         for key, _mask in sel.select(timeout=0.2):
+            if key.data == "freeze" and svc.freeze_requested():
+                # Nothing in flight, everything preserved: hand over and go.
+                svc.frozen()
+                return 0
+            if key.data == "freeze":
+                continue
             if key.data is None:
                 try:
                     conn, _addr = listener.accept()

@@ -404,3 +404,16 @@ def can_connect(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def copies_settled(dev: liveupdate.Device) -> None:
+    """Return once luod's crash copies hold every change made so far.
+
+    luod sends a change to its copies on an idle turn of its loop, at most
+    ``fdstore.COALESCE`` after the last one: past that, the turn before it
+    serves one more call has sent it.
+    """
+    from liveupdate.server import fdstore
+
+    time.sleep(fdstore.COALESCE * 5)
+    dev.get_state()

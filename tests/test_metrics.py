@@ -16,7 +16,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import liveupdate
-from luodtest import Luod, luoctl_reboot, memfd, preserved_session, state, wait_for, wait_until
+from luodtest import (
+    Luod,
+    copies_settled,
+    luoctl_reboot,
+    memfd,
+    preserved_session,
+    state,
+    wait_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.luod_only
 
@@ -121,7 +130,8 @@ def test_metrics_report_what_a_crash_recovery_gave_back(
     port = free_port()
     daemon = luod_factory("--metrics-address", f"127.0.0.1:{port}")
     session = preserved_session(daemon, "kept", b"state")
-    state(daemon)  # a round trip: the copies are sent
+    with daemon.open() as dev:
+        copies_settled(dev)
     daemon.stop(signal.SIGKILL)
     session.close()
     daemon.log = daemon.state_dir / "restarted.log"

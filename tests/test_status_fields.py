@@ -30,7 +30,7 @@ from liveupdate.handover_codec import (
     restamped_reboot_times,
     stamp_reboot_times,
 )
-from luodtest import Luod, luoctl, luoctl_reboot, memfd, preserved_session, state
+from luodtest import Luod, copies_settled, luoctl, luoctl_reboot, memfd, preserved_session, state
 
 pytestmark = pytest.mark.luod_only
 
@@ -128,7 +128,8 @@ def test_a_restart_after_a_crash_reports_what_the_copies_gave_back(
                     fd = memfd(f"{name}{token}".encode())
                     session.preserve(fd, token)
                     os.close(fd)
-            first = dev.get_state()  # a round trip: the copies are sent by now
+            copies_settled(dev)
+            first = dev.get_state()
         daemon.stop(signal.SIGKILL)
     daemon.log = daemon.state_dir / "restarted.log"
     daemon.start()

@@ -400,7 +400,8 @@ class luod_get_state(ctypes.Structure):
     @max_sessions: Output; the outgoing session limit (CREATE_SESSION answers ENOMEM beyond).
     @max_files: Output; the per-session file limit (PRESERVE_FD answers ENOSPC beyond).
     @lost_sessions: Output; sessions reported lost at start because the previous holder died.
-    @last_error: Output; why the last state event failed (NUL-terminated text, empty if none).
+    @last_error: Output; why the last state event failed (NUL-terminated text, empty if none;
+     a CANCEL keeps the reason of the failure before it).
     @journal_error: Output; errno of the journal's last failed write, 0 when it is up to date
      or disabled. While not 0, a death of luod would lose files without a full report.
     @flags: Output; LUOD_STATE_LOST_INCOMPLETE when the previous holder's journal was out of

@@ -162,3 +162,42 @@ def test_a_restore_that_fails_closes_every_file_it_retrieved(luod: Luod) -> None
     assert own_fds() == before  # the two retrieved fds were closed
     svc.next_session.close()
     incoming.close()
+
+
+def test_a_deferred_restore_preserves_again_from_the_loop_what_is_still_open(luod: Luod) -> None:
+    incoming = handed_over(luod, "svc", {1: b"listener", 2: b"gone", 3: b"a", 4: b"b"})
+    with luod.open() as dev:
+        outgoing = dev.create_session("svc")
+    env = {
+        SESSION_FD_ENV: str(incoming.fileno()),
+        SESSION_NAME_ENV: "svc",
+        SESSION_STATE_ENV: "incoming",
+        NEXT_SESSION_FD_ENV: str(outgoing.fileno()),
+    }
+    svc = liveupdate.inherited_session(env)
+    assert svc is not None
+
+    def outgoing_tokens() -> list[int]:
+        with luod.open() as dev:
+            listing = dev.list_sessions("svc").sessions
+        out = [e for e in listing if e.direction == uapi.SessionDirection.OUTGOING]
+        return sorted(f.token for f in out[0].files or ())
+
+    fds = svc.restore(luod.socket, defer=True)
+    try:
+        # Retrieved and the incoming session finished; nothing preserved again yet.
+        assert sorted(fds) == [1, 2, 3, 4] and svc.pending == 4
+        assert svc.tokens(luod.socket) == []
+        assert outgoing_tokens() == []
+        svc.unpreserve(2)  # a client left before its connection was preserved again
+        assert svc.pending == 3
+        assert svc.preserve_pending(2) == 1  # a few a turn, in order
+        assert outgoing_tokens() == [1, 3]
+        assert svc.preserve_pending() == 0
+        assert outgoing_tokens() == [1, 3, 4]
+        assert svc.preserve_pending() == 0  # nothing left: no call
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        incoming.close()
+        outgoing.close()

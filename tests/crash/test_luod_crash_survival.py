@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import liveupdate
-from luodtest import Luod, events, memfd, running, wait_for
+from luodtest import Luod, copies_settled, events, memfd, running, wait_for
 
 SESSIONS = 10
 FILES_PER_SESSION = 10
@@ -49,8 +49,7 @@ def fill(daemon: Luod, held: contextlib.ExitStack) -> None:
                 fd = memfd(content(s, t))
                 session.preserve(fd, t)
                 os.close(fd)
-        # One more round trip: the idle turn after the last preserve has run.
-        dev.get_state()
+        copies_settled(dev)
 
 
 def retrieve_all(daemon: Luod) -> None:

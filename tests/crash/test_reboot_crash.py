@@ -399,7 +399,7 @@ def test_sigkill_during_reboot_preflight_is_reported(
     daemon = luod_factory("--exec", str(wrapper))
     held.fill(daemon)
     reboot = subprocess.Popen(
-        [*LUOCTL, "--socket", daemon.socket, "reboot", "--wait", "10"],
+        [*LUOCTL, "--socket", daemon.socket, "reboot", "--no-prepare", "--wait", "10"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

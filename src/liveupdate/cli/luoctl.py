@@ -8,10 +8,12 @@ over luod's socket, and the upstream parts against a kernel too), except
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -179,9 +181,19 @@ def finish(obj: Context) -> None:
     show_default=True,
     help="Seconds to wait for the next generation to serve.",
 )
+@click.option(
+    "--no-prepare",
+    is_flag=True,
+    help="From NORMAL, REBOOT at once: the next generation starts inside the blackout.",
+)
 @click.pass_obj
-def reboot(obj: Context, no_exec: bool, wait: float) -> None:
-    """Live-update luod; returns once the next generation serves."""
+def reboot(obj: Context, no_exec: bool, wait: float, no_prepare: bool) -> None:
+    """Live-update luod; returns once the next generation serves.
+
+    From NORMAL it first PREPAREs, as a kexec is loaded before the jump: the
+    next generation starts and checks this one's image while this one still
+    serves, which takes its start-up out of the blackout.
+    """
     flags = uapi.LUOD_REBOOT_NO_EXEC if no_exec else 0
     start = time.monotonic()
     try:
@@ -191,12 +203,24 @@ def reboot(obj: Context, no_exec: bool, wait: float) -> None:
                 old = before.generation
                 sessions = count(before.outgoing_sessions, "session")
                 files = count(before.preserved_files, "file")
-                checks = "freeze" if no_exec else "pre-flight and freeze"
+                ahead = not (no_exec or no_prepare) and before.state == uapi.LuodState.NORMAL
+                if ahead:
+                    steps.step(f"pre-flight: generation {old + 1} starting ahead (PREPARE)")
+                    try:
+                        dev.set_event(uapi.LuodEvent.PREPARE)
+                    except OSError as exc:
+                        raise _with_reason(dev, exc) from None
+                checks = "freeze" if no_exec or ahead else "pre-flight and freeze"
                 steps.step(f"{checks} of generation {old}: {sessions}, {files}")
                 try:
                     dev.set_event(uapi.LuodEvent.REBOOT, flags)
                 except OSError as exc:
-                    raise _with_reason(dev, exc) from None
+                    failure = _with_reason(dev, exc)
+                    if ahead:
+                        # Leave luod as it was found: the PREPARE was ours.
+                        with contextlib.suppress(OSError):
+                            dev.set_event(uapi.LuodEvent.CANCEL)
+                    raise failure from None
             steps.step(f"generation {old + 1} starting: restoring {sessions}, {files}")
             new = _wait_generation(obj, old + 1, start + wait)
     except OSError as exc:
@@ -262,6 +286,14 @@ def _wait_generation(obj: Context, generation: int, deadline: float) -> StateInf
     help="Seconds to wait for the service to stop before SIGKILL.",
 )
 @click.option(
+    "--ready-timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    default=30.0,
+    show_default=True,
+    help="Seconds a version started ahead of an update has to report ready.",
+)
+@click.option(
     "--restart",
     type=click.Choice(["on-failure", "no"]),
     default="on-failure",
@@ -276,6 +308,7 @@ def run(
     keep_on_close: bool,
     stop_signal: str,
     stop_timeout: float,
+    ready_timeout: float,
     restart: str,
     command: tuple[str, ...],
 ) -> None:
@@ -284,7 +317,9 @@ def run(
     COMMAND gets the session fd in LIVEUPDATE_SESSION_FD (with
     LIVEUPDATE_SESSION_NAME and LIVEUPDATE_SESSION_STATE=incoming|outgoing;
     LIVEUPDATE_NEXT_SESSION_FD when incoming): see liveupdate.inherited_session().
-    SIGHUP or `luoctl update NAME` updates it: stop, hand over, start again.
+    SIGHUP or `luoctl update NAME` updates it: stop, hand over, start again;
+    a service that watches svc.freeze_fd() gets its next version started first,
+    and frozen only once that one is ready.
     """
     from liveupdate.cli.supervisor import CommandError, Supervisor
 
@@ -301,6 +336,7 @@ def run(
         keep_on_close=keep_on_close,
         stop_signal=sig,
         stop_timeout=stop_timeout,
+        ready_timeout=ready_timeout,
         restart=restart,
         open_timeout=obj.timeout,
     )
@@ -335,6 +371,32 @@ def _is_supervisor(pid: int, name: str) -> bool:
     return "run" in text and name in text and any("luoctl" in a for a in text[:3])
 
 
+def _ask_supervisor(pid: int, wait: float) -> str | None:
+    """Ask supervisor ``pid`` for an update on its socket; its answer, None if it has none.
+
+    The answer is only taken from ``pid`` itself (SO_PEERCRED): anyone can
+    bind an abstract socket name.
+    """
+    from liveupdate.cli.supervisor import peer_credentials, update_address
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        try:
+            sock.connect(update_address(pid))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        if peer_credentials(sock)[0] != pid:
+            return None
+        sock.settimeout(wait)
+        sock.sendall(b"update")
+        try:
+            answer = sock.recv(4096)
+        except TimeoutError:
+            raise liveupdate.LiveUpdateError(errno.ETIMEDOUT, f"{pid}: no answer") from None
+        if not answer:
+            raise error_from_errno(errno.ECONNRESET, "the supervisor", "closed without an answer")
+        return answer.decode(errors="replace")
+
+
 @main.command()
 @click.argument("name", shell_complete=complete_sessions)
 @click.option(
@@ -349,9 +411,10 @@ def _is_supervisor(pid: int, name: str) -> bool:
 def update(obj: Context, name: str, wait: float) -> None:
     """Update the service that `luoctl run --session NAME` supervises.
 
-    Sends SIGHUP to its supervisor and returns once the supervisor has stopped
-    the service, handed the session over and re-acquired it (the new service
-    is started right after).
+    Asks its supervisor and returns once the new version took over (or, for a
+    supervisor that does not take requests, sends it SIGHUP and returns once
+    it handed the session over). Fails, saying why, when the new version did
+    not become ready: the old one then keeps serving.
     """
     try:
         with obj.open() as dev:
@@ -364,6 +427,16 @@ def update(obj: Context, name: str, wait: float) -> None:
                 "not held by a `luoctl run` supervisor",
                 "`luoctl update` only updates services that `luoctl run` supervises",
             )
+        answer = _ask_supervisor(pid, wait)
+        if answer is not None:
+            outcome, _, text = answer.partition(" ")
+            if outcome != "ok":
+                raise error_from_errno(errno.ECANCELED, f"update of {name!r}", text or answer)
+            obj.emit(
+                {"session": name, "supervisor": pid},
+                f"updated {name!r} (supervisor pid {pid}): {text}",
+            )
+            return
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + wait
         while True:

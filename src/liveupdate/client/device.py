@@ -25,12 +25,13 @@ import errno
 import json
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
 from liveupdate import paths, uapi
-from liveupdate.client.errors import InvalidArgumentError, error_from_errno
+from liveupdate.client.errors import InvalidArgumentError, LiveUpdateError, error_from_errno
 from liveupdate.client.listing import SessionListing, parse_listing
 from liveupdate.client.transport import (
     Buffer,
@@ -66,6 +67,13 @@ def _token(token: int) -> int:
     if not 0 <= token < _TOKEN_LIMIT:
         raise ValueError(f"token {token} is out of range: tokens are 0 <= token < 2**64")
     return token
+
+
+def _first_failure(failures: dict[int, LiveUpdateError]) -> LiveUpdateError:
+    """The first error of a batch, carrying all of them (``failures``)."""
+    first = next(iter(failures.values()))
+    first.failures = failures
+    return first
 
 
 def _name_bytes(name: str | bytes) -> bytes:
@@ -116,6 +124,19 @@ class _FdObject:
         """
         with self._lock:
             return self.transport.ioctl(self.fileno(), cmd, buf)  # type: ignore[arg-type]
+
+    def ioctl_many(
+        self, cmd: int, bufs: Sequence[Buffer | ctypes.Structure]
+    ) -> list[LiveUpdateError | None]:
+        """Issue ``cmd`` once per buffer, pipelined over luod's socket; each call's error or None.
+
+        Every call is made, in order, whatever the others answer; each buffer
+        is written back like :meth:`ioctl`'s where its entry is None. Over a
+        kernel's device it is one ``ioctl(2)`` per buffer. See
+        :meth:`~liveupdate.client.transport.SocketTransport.ioctl_many`.
+        """
+        with self._lock:
+            return self.transport.ioctl_many(self.fileno(), cmd, bufs)  # type: ignore[arg-type]
 
     def detach(self) -> int:
         """Give up ownership of the fd and return it."""
@@ -210,6 +231,66 @@ class Session(_FdObject):
         )
         self.ioctl(uapi.LIVEUPDATE_SESSION_RETRIEVE_FD, arg)
         return int(arg.fd)
+
+    def retrieve_many(self, tokens: Iterable[int]) -> dict[int, int]:
+        """:meth:`retrieve` each of ``tokens`` in one batch: ``{token: fd}``, in order.
+
+        Over luod's socket the requests are pipelined (about one round trip
+        for the whole batch instead of one per file); over a kernel's device
+        it loops over :meth:`retrieve`. All or nothing: when any token fails,
+        every fd the batch returned is closed (each can be retrieved again)
+        and the first failure is raised, the same exception :meth:`retrieve`
+        raises (unknown token: :class:`~liveupdate.NotFoundError`), with
+        :attr:`~liveupdate.LiveUpdateError.failures` naming every token that
+        failed. A token given twice, or not a u64, is a :class:`ValueError`
+        or :class:`TypeError` before anything is sent.
+        """
+        checked = [_token(token) for token in tokens]
+        if len(set(checked)) != len(checked):
+            raise ValueError("a token is given twice: one fd per token")
+        args = [
+            uapi.liveupdate_session_retrieve_fd(
+                size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd), fd=-1, token=token
+            )
+            for token in checked
+        ]
+        results = self.ioctl_many(uapi.LIVEUPDATE_SESSION_RETRIEVE_FD, args)
+        outcomes = list(zip(checked, args, results, strict=True))
+        fds = {tok: int(arg.fd) for tok, arg, err in outcomes if err is None}
+        failures = {tok: err for tok, _arg, err in outcomes if err is not None}
+        if failures:
+            for fd in fds.values():
+                os.close(fd)
+            raise _first_failure(failures)
+        return fds
+
+    def preserve_many(self, items: Iterable[tuple[int | HasFileno, int]]) -> None:
+        """:meth:`preserve` each ``(file, token)`` of ``items`` in one batch.
+
+        Pipelined over luod's socket like :meth:`retrieve_many`; a loop over
+        :meth:`preserve` over a kernel's device. Every item is tried: when
+        some fail, the others stay preserved and the first failure is raised
+        (the exception :meth:`preserve` raises: a token in use,
+        :class:`~liveupdate.AlreadyExistsError`), its
+        :attr:`~liveupdate.LiveUpdateError.failures` naming every token that
+        failed. Tokens are checked before anything is sent, as by :meth:`preserve`.
+        """
+        pairs = [
+            (file if isinstance(file, int) else file.fileno(), _token(token))
+            for file, token in items
+        ]
+        args = [
+            uapi.liveupdate_session_preserve_fd(
+                size=ctypes.sizeof(uapi.liveupdate_session_preserve_fd), fd=fd, token=token
+            )
+            for fd, token in pairs
+        ]
+        results = self.ioctl_many(uapi.LIVEUPDATE_SESSION_PRESERVE_FD, args)
+        failures = {
+            tok: err for (_fd, tok), err in zip(pairs, results, strict=True) if err is not None
+        }
+        if failures:
+            raise _first_failure(failures)
 
     def finish(self) -> None:
         """LIVEUPDATE_SESSION_FINISH: complete an incoming session (idempotent).

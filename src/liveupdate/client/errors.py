@@ -13,6 +13,8 @@ import errno
 import os
 import stat
 import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from liveupdate import uapi
@@ -45,6 +47,10 @@ class LiveUpdateError(OSError):
     """
 
     hint: str = ""
+    #: Raised by a batch call (:meth:`~liveupdate.Session.retrieve_many`,
+    #: :meth:`~liveupdate.Session.preserve_many`): every call of the batch that
+    #: failed, by token, in the batch's order (this error is the first). Empty otherwise.
+    failures: Mapping[int, LiveUpdateError] = MappingProxyType({})
 
 
 class DeviceBusyError(LiveUpdateError):

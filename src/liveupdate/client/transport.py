@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from liveupdate import uapi, wire
@@ -29,6 +30,10 @@ __all__ = ["KernelTransport", "SocketTransport", "Transport", "transport_for_fd"
 _FD_FIELD = struct.Struct("=i")
 _SIZE = struct.Struct("=I")
 _FD_OFFSET = 4
+#: Requests a batch keeps in flight on luod's socket at most: their replies
+#: (with an fd each) must fit in luod's socket send buffer, or luod would stop
+#: reading while this side blocks sending (SCM_RIGHTS replies cost ~1 KiB of it).
+BATCH_WINDOW = 64
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 # Plain ints: the socket module's constants are enum members.
 _AF_UNIX = int(socket.AF_UNIX)
@@ -57,6 +62,16 @@ class Transport(Protocol):
     def fence(self, fd: int, timeout: float | None = None) -> int:
         """Discard every reply waiting on session ``fd`` that answers a request
         someone else sent; returns how many were discarded."""
+        ...
+
+    def ioctl_many(self, fd: int, cmd: int, bufs: Sequence[Buffer]) -> list[LiveUpdateError | None]:
+        """Run ``cmd`` on ``fd`` once per buffer, in order; each call's error or None.
+
+        Every call is made, whatever the others answer; a buffer is written
+        back (and owns its returned fd) only where its entry is None. Raises
+        only when the transport itself fails (luod gone, the stream broken);
+        the fds already returned by the batch are closed then.
+        """
         ...
 
 
@@ -98,6 +113,18 @@ class KernelTransport:
     def fence(self, fd: int, timeout: float | None = None) -> int:
         """Nothing to discard: ``ioctl(2)`` returns its own caller's answer."""
         return 0
+
+    def ioctl_many(self, fd: int, cmd: int, bufs: Sequence[Buffer]) -> list[LiveUpdateError | None]:
+        """One ``ioctl(2)`` per buffer: a system call has no round trip to save."""
+        results: list[LiveUpdateError | None] = []
+        for buf in bufs:
+            try:
+                self.ioctl(fd, cmd, buf)
+            except LiveUpdateError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
 
 
 class SocketTransport:
@@ -203,6 +230,77 @@ class SocketTransport:
         except OSError as exc:
             if spare >= 0:
                 os.close(spare)
+            raise _transport_error(exc, _ioctl_name(cmd)) from None
+
+    def ioctl_many(self, fd: int, cmd: int, bufs: Sequence[Buffer]) -> list[LiveUpdateError | None]:
+        """Pipelined: requests go out ahead of the replies, at most :data:`BATCH_WINDOW` ahead.
+
+        luod answers one connection's requests in order, one reply each, so
+        the n-th reply read is the n-th request's: a batch costs about one
+        round trip instead of one per call. Each reply is checked exactly as
+        :meth:`ioctl` checks it (a reply that fails to decode is that call's
+        error; the stream stays in step). A returned fd that did not fit
+        (``MSG_CTRUNC``) is that call's ``EMFILE``: unlike :meth:`ioctl`, no
+        spare slot is reserved per call, so only use this for calls whose fd
+        can be asked for again (RETRIEVE_FD, not RETRIEVE_SESSION).
+        """
+        info = uapi.IOCTLS.get(cmd)
+        fd_out = info is not None and info.fd_out
+        views = [_as_bytes_view(buf) for buf in bufs]
+        results: list[LiveUpdateError | None] = []
+        returned: list[int] = []  # fds the batch wrote into the callers' buffers
+        sock = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
+        try:
+            sent = 0
+            while len(results) < len(views):
+                while sent < len(views) and sent - len(results) < BATCH_WINDOW:
+                    self._send(sock, cmd, views[sent], info)
+                    sent += 1
+                view = views[len(results)]
+                try:
+                    msg = wire.recv_message(sock, wire.REPLY_HEADER.size + len(view) + 1)
+                except OSError as exc:
+                    raise _transport_error(exc, _ioctl_name(cmd)) from None
+                if msg.length == 0:
+                    wire.close_fds(msg.fds)
+                    raise error_from_errno(
+                        errno.ENODEV, f"{_ioctl_name(cmd)} (luod rebooted or stopped)"
+                    )
+                try:
+                    self._accept_reply(msg, cmd, view, fd_out)
+                except LiveUpdateError as exc:
+                    results.append(exc)
+                else:
+                    results.append(None)
+                    if fd_out and len(view) >= _FD_OFFSET + _FD_FIELD.size:
+                        returned.append(_FD_FIELD.unpack_from(view, _FD_OFFSET)[0])
+                finally:
+                    wire.close_fds(msg.fds)
+        except BaseException:
+            wire.close_fds(returned)
+            raise
+        finally:
+            sock.detach()  # the fd stays the caller's
+        return results
+
+    @staticmethod
+    def _send(sock: socket.socket, cmd: int, view: memoryview, info: uapi.IoctlInfo | None) -> None:
+        """Send one request of a batch, with the caller's fd when the ioctl takes one."""
+        fds: list[int] = []
+        if info is not None and info.fd_in and len(view) >= _FD_OFFSET + _FD_FIELD.size:
+            (caller_fd,) = _FD_FIELD.unpack_from(view, _FD_OFFSET)
+            if caller_fd >= 0:
+                fds.append(caller_fd)
+        request = wire.encode_request(cmd, view)
+        try:
+            try:
+                wire.send_message(sock, request, fds)
+            except OSError as exc:
+                if exc.errno != errno.EBADF or not fds:
+                    raise
+                # Not an open fd: luod answers it in its own check order, as for ioctl().
+                wire.send_message(sock, request)
+        except OSError as exc:
             raise _transport_error(exc, _ioctl_name(cmd)) from None
 
     @staticmethod

@@ -31,7 +31,7 @@ import fcntl
 import os
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,10 @@ class FileSet(Mapping[int, PreservedFile]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._files)
+
+    def items(self) -> ItemsView[int, PreservedFile]:
+        """(token, file) in preservation order, read-only (no lookup per token)."""
+        return self._files.items()
 
     def __len__(self) -> int:
         return len(self._files)

@@ -295,7 +295,11 @@ def _set_event(call: DeviceCall, arg: ctypes.Structure) -> None:
             f"uid {call.owner.uid} may not {event.name.lower()} a live update "
             "(root, luod's user or its --admin-group only)",
         )
-    luo.last_error = ""  # the reason of *this* event's failure, if any
+    if event != Event.CANCEL:
+        # The reason of *this* event's failure, if any. A CANCEL keeps the
+        # last one: it is how a failed update is undone (luoctl reboot's own
+        # PREPARE), and the operator still wants to read why it failed.
+        luo.last_error = ""
     arg.generation = luo.generation
     if event == Event.PREPARE:
         prepare(luo, _host(call))

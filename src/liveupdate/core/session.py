@@ -92,6 +92,11 @@ class Session:
     endpoint: object | None = None
     handed_over: bool = False
     service: ServiceStatus | None = None
+    #: :attr:`SessionSet.mutations` at this session's last change (its files,
+    #: flags, direction, finish): the crash copies resend only sessions whose
+    #: stamp moved. Unique across sessions, so a new session of the same name
+    #: never looks unchanged.
+    changed_at: int = 0
 
     @property
     def display_name(self) -> str:
@@ -195,6 +200,11 @@ class SessionSet:
         """Incoming sessions by name, in the previous generation's order."""
         return self._incoming
 
+    def _changed(self, session: Session) -> None:
+        """Count a change to ``session`` (see :attr:`mutations`, :attr:`Session.changed_at`)."""
+        self._mutations += 1
+        session.changed_at = self._mutations
+
     @property
     def mutations(self) -> int:
         """Bumped by every change to what would be handed over or copied for a
@@ -285,7 +295,7 @@ class SessionSet:
         session = Session(name, Direction.OUTGOING, owner, FileSet(self._preserved))
         self._outgoing[name] = session
         self._count(session, +1)  # new: nothing of it was counted before
-        self._mutations += 1
+        self._changed(session)
         return session
 
     def _check_session_quota(self, owner: Owner) -> None:
@@ -315,7 +325,7 @@ class SessionSet:
         if self._outgoing.get(session.name) is session and not session.files:
             with _Recount(self, session):
                 del self._outgoing[session.name]
-            self._mutations += 1
+            self._changed(session)
 
     def retrieve(self, name: bytes, owner: Owner) -> Session:
         """The incoming session ``name``: ``ENOENT`` if none, ``EACCES`` if
@@ -330,11 +340,13 @@ class SessionSet:
         if session.retrieved:
             raise OSError(errno.EINVAL, "this session was already retrieved")
         session.retrieved = True
+        self._changed(session)  # no longer waiting for its successor
         return session
 
     def unretrieve(self, session: Session) -> None:
         """Undo :meth:`retrieve` whose fd could not be bound."""
         session.retrieved = False
+        self._changed(session)
 
     # -- releasing, handing over, finishing -----------------------------------------
 
@@ -349,7 +361,7 @@ class SessionSet:
             try:
                 if self._outgoing.get(session.name) is session:
                     del self._outgoing[session.name]
-                self._mutations += 1
+                self._changed(session)
                 session.files.unpreserve_all()
             finally:
                 self._count(session, +1)  # gone: adds nothing back
@@ -398,7 +410,7 @@ class SessionSet:
             session.handed_over = True
             session.service = None  # it stopped; its successor says what runs next
             self._incoming[session.name] = session
-        self._mutations += 1
+        self._changed(session)
         self._incoming_changed()
 
     def finish(self, session: Session, force: bool = False) -> None:
@@ -416,7 +428,7 @@ class SessionSet:
             raise OSError(errno.EBUSY, f"file {refusing.token:#x} cannot finish yet")
         session.files.finish()
         session.finished = True
-        self._mutations += 1  # the crash copies drop it (the image already did)
+        self._changed(session)  # the crash copies drop it (the image already did)
         self._incoming_changed()
 
     def finish_incoming(self, owner: Owner | None = None) -> None:
@@ -478,7 +490,7 @@ class SessionSet:
         finally:
             self._count(session, +1)
         fds_in.remove(fd)
-        self._mutations += 1
+        self._changed(session)
         return file
 
     def _file_quota_usage(self, session: Session) -> Usage:
@@ -518,7 +530,7 @@ class SessionSet:
             session.files.unpreserve(token)
         finally:
             self._count(session, +1)
-            self._mutations += 1
+            self._changed(session)
 
     def retrieve_file(self, session: Session, token: int) -> int:
         """A new fd (a dup) for the incoming file ``token``; errors are sticky."""
@@ -530,7 +542,7 @@ class SessionSet:
         """Set an outgoing session's flags; returns the old ones."""
         old = session.flags
         session.flags = flags
-        self._mutations += 1
+        self._changed(session)
         return old
 
     def set_service(self, session: Session, service: ServiceStatus | None) -> None:

@@ -26,6 +26,7 @@ by name, as after a live update.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -74,8 +75,13 @@ FILE_PREFIX = "f-"
 #: fd store slots the state takes: two, since a new snapshot is stored
 #: before the old one is removed (one of them is always whole).
 STATE_SLOTS = 2
-#: A sync quicker than this (seconds) may run at every idle turn of the loop.
+#: A sync quicker than this (seconds) is followed by :data:`COALESCE` only.
 QUICK_SYNC = 0.005
+#: Seconds between two syncs at the least: the changes of a burst (a
+#: service's restore() preserving 100 connections, a client's pipelined
+#: batch) go in one update instead of one each, and the first change after a
+#: quiet spell still goes at once.
+COALESCE = 0.002
 #: After a slower sync, the next waits this many times its duration.
 PAUSE_FACTOR = 4
 #: After a live update, the new generation's first sync (a full snapshot:
@@ -241,6 +247,23 @@ def _int(value: object) -> int:
     return value
 
 
+def _file_entries(entries: object) -> tuple[list[FileRecord], list[str | None]]:
+    """A delta's file entries, ``[token, compatible, copy name]`` each."""
+    if not isinstance(entries, list):
+        raise ValueError("a delta's files are not a list")
+    files: list[FileRecord] = []
+    keys: list[str | None] = []
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise ValueError("a delta file is not [token, compatible, name]")
+        token, compatible, key = entry
+        if not isinstance(compatible, str) or not (key is None or isinstance(key, str)):
+            raise ValueError("a delta file's compatible or name is not a string")
+        files.append(FileRecord(_int(token), compatible, -1, b""))
+        keys.append(key)
+    return files, keys
+
+
 def _apply(
     by_name: list[dict[bytes, tuple[SessionRecord, list[str | None]]]], record: object
 ) -> None:
@@ -258,16 +281,21 @@ def _apply(
     if record.get("gone") is True:
         sessions.pop(name, None)
         return
-    files: list[FileRecord] = []
-    keys: list[str | None] = []
-    for entry in record["files"]:
-        if not isinstance(entry, list) or len(entry) != 3:
-            raise ValueError("a delta file is not [token, compatible, name]")
-        token, compatible, key = entry
-        if not isinstance(compatible, str) or not (key is None or isinstance(key, str)):
-            raise ValueError("a delta file's compatible or name is not a string")
-        files.append(FileRecord(_int(token), compatible, -1, b""))
-        keys.append(key)
+    if "files" not in record:  # the files alone changed (fdstore.files_record)
+        if name not in sessions:
+            raise ValueError("a delta of files for a session the snapshot does not hold")
+        base, base_keys = sessions[name]
+        if not isinstance(record["drop"], list):
+            raise ValueError("a delta's dropped tokens are not a list")
+        drop = {_int(token) for token in record["drop"]}
+        kept = [(f, k) for f, k in zip(base.files, base_keys, strict=True) if f.token not in drop]
+        added_files, added_keys = _file_entries(record["add"])
+        sessions[name] = (
+            dataclasses.replace(base, files=[f for f, _ in kept] + added_files),
+            [k for _, k in kept] + added_keys,
+        )
+        return
+    files, keys = _file_entries(record["files"])
     created = record["created"]
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise ValueError("a delta record's creation time is not a number")
@@ -411,8 +439,10 @@ def recover_or_report(
 
 #: A session's place in the copies: (0 outgoing / 1 incoming, name).
 Place = tuple[int, bytes]
-#: What a delta compares: flags, waiting, and each file's (token, fd, name).
-Print = tuple[int, bool, tuple[tuple[int, int, str | None], ...]]
+#: A file's identity (``PreservedFile.key``); its copy's name is :func:`key_name`.
+Key = tuple[int, int, int]
+#: What a delta compares: flags, waiting, and each file's (token, fd, identity).
+Print = tuple[int, bool, tuple[tuple[int, int, Key | None], ...]]
 
 
 def _sessions(luo: Orchestrator) -> list[tuple[Place, Session]]:
@@ -423,15 +453,12 @@ def _sessions(luo: Orchestrator) -> list[tuple[Place, Session]]:
 
 
 def _print(session: Session) -> Print:
-    files = session.files
-    return (
-        session.flags,
-        session.waiting,
-        tuple(
-            (token, f.fd, key_name(f.key) if f.fd >= 0 else None)
-            for token, f in ((t, files[t]) for t in files)
-        ),
-    )
+    entries = [(t, f.fd, f.key if f.fd >= 0 else None) for t, f in session.files.items()]
+    return (session.flags, session.waiting, tuple(entries))
+
+
+def _file_entry(session: Session, token: int, key: Key | None) -> list[object]:
+    return [token, session.files[token].handler.compatible, None if key is None else key_name(key)]
 
 
 def delta_record(place: Place, session: Session | None, fp: Print | None) -> dict[str, object]:
@@ -448,9 +475,45 @@ def delta_record(place: Place, session: Session | None, fp: Print | None) -> dic
         pid=session.owner.pid,
         created=session.created,
         flags=fp[0] | (IMAGE_FLAG_AWAITING_SUCCESSOR if fp[1] else 0),
-        files=[[token, session.files[token].handler.compatible, key] for token, _fd, key in fp[2]],
+        files=[_file_entry(session, token, key) for token, _fd, key in fp[2]],
     )
     return record
+
+
+Entries = tuple[tuple[int, int, Key | None], ...] | list[tuple[int, int, Key | None]]
+
+
+def _diff(old: Print, new: Print) -> tuple[Entries, Entries]:
+    """The file entries of ``old`` that ``new`` lacks, and those it adds (in order)."""
+    now = set(new[2])
+    before = set(old[2])
+    return [e for e in old[2] if e not in now], [e for e in new[2] if e not in before]
+
+
+def files_record(
+    place: Place, session: Session, old: Print, new: Print, dropped: Entries, added: Entries
+) -> dict[str, object] | None:
+    """The delta record of a session whose files alone changed (``dropped``
+    and ``added``: :func:`_diff`), or ``None`` when the change is more than
+    that and the whole record goes. A preserve into a session of 10,000
+    files then costs one entry, not 10,000."""
+    if old[:2] != new[:2]:
+        return None
+    gone = {entry[0] for entry in dropped}
+    # Applied, the record keeps the old order less the dropped files, then
+    # the added ones: that must be the new order exactly.
+    if len(old[2]) - len(gone) + len(added) != len(new[2]) or (
+        gone and [e for e in old[2] if e[0] not in gone] + list(added) != list(new[2])
+    ):
+        return None
+    if not gone and old[2] != new[2][: len(old[2])]:
+        return None
+    return {
+        "dir": place[0],
+        "name": place[1].hex(),
+        "drop": sorted(gone),
+        "add": [_file_entry(session, token, key) for token, _fd, key in added],
+    }
 
 
 def delta_line(records: list[dict[str, object]]) -> bytes:
@@ -482,8 +545,12 @@ class Copies:
         self._seen: tuple[int, int] | None = None
         #: What the copies hold: file name -> luod's fd it was copied from.
         self._held: dict[str, int] | None = None
-        #: Each kept session's print as the copies hold it.
+        #: Each kept session's print as the copies hold it, and the session's
+        #: :attr:`~liveupdate.core.session.Session.changed_at` it was taken at.
         self._prints: dict[Place, Print] = {}
+        self._stamps: dict[Place, int] = {}
+        #: How many kept files have each copy (by name): a copy goes when none does.
+        self._refs: dict[str, int] = {}
         self._seq = 0
         self._next_sync = 0.0
         #: Since the last full snapshot: its size, the deltas' count and bytes.
@@ -506,7 +573,8 @@ class Copies:
         image of 2000 sessions takes ~0.15 s): a sync that took more than
         :data:`QUICK_SYNC` is followed by a pause of :data:`PAUSE_FACTOR`
         times its duration, so that the copies never take more than a fifth
-        of the loop; below that every idle turn syncs.
+        of the loop; a quicker one by :data:`COALESCE` (a burst of changes
+        goes in one update).
         """
         mark = (id(luo), luo.sessions.mutations)
         if mark == self._seen:
@@ -517,7 +585,7 @@ class Copies:
         began = time.monotonic()
         self._sync(luo, mark)
         took = time.monotonic() - began
-        self._next_sync = began + took * PAUSE_FACTOR if took > QUICK_SYNC else 0.0
+        self._next_sync = began + (took * PAUSE_FACTOR if took > QUICK_SYNC else COALESCE)
         return None
 
     def _full_due(self, luo: Orchestrator) -> bool:
@@ -562,35 +630,80 @@ class Copies:
         removes = [k for k in held if k not in snap.files]
         self._send(adds, snap.data, removes, full)
         self._held = snap.files
-        self._prints = {place: _print(s) for place, s in _sessions(luo)} if self.deltas else {}
+        self._prints, self._stamps, self._refs = {}, {}, {}
+        if self.deltas:
+            for place, session in _sessions(luo):
+                fp = self._prints[place] = _print(session)
+                self._stamps[place] = session.changed_at
+                for _token, _fd, key in fp[2]:
+                    if key is not None:
+                        name = key_name(key)
+                        self._refs[name] = self._refs.get(name, 0) + 1
         self._full_size = len(snap.data)
         self._delta_count = self._delta_bytes = 0
 
     def _sync_delta(self, luo: Orchestrator) -> None:
-        held = self._held or {}
-        prints: dict[Place, Print] = {}
-        files: dict[str, int] = {}
+        """Send what changed since the last sync: only sessions whose stamp
+        moved are looked at (O(sessions) plus the changed sessions' files),
+        and a session whose files alone changed sends only those."""
+        held = self._held if self._held is not None else {}
         records: list[dict[str, object]] = []
-        for place, session in _sessions(luo):
-            fp = _print(session)
-            prints[place] = fp
-            for _token, fd, key in fp[2]:
+        #: Per copy name: the change in how many kept files have it, and an fd.
+        counts: dict[str, list[int]] = {}
+
+        def count(entries: Entries, step: int) -> None:
+            for _token, fd, key in entries:
                 if key is not None:
-                    files.setdefault(key, fd)
-            if self._prints.get(place) != fp:
-                records.append(delta_record(place, session, fp))
-        records += [
-            delta_record(place, None, None) for place in self._prints if place not in prints
-        ]
-        adds = {k: fd for k, fd in files.items() if held.get(k) != fd}
-        removes = [k for k in held if k not in files]
+                    entry = counts.setdefault(key_name(key), [0, fd])
+                    entry[0] += step
+                    if step > 0:
+                        entry[1] = fd
+
+        live = set()
+        for place, session in _sessions(luo):
+            live.add(place)
+            if self._stamps.get(place) == session.changed_at and place in self._prints:
+                continue
+            fp = _print(session)
+            old = self._prints.get(place)
+            self._prints[place] = fp
+            self._stamps[place] = session.changed_at
+            if old == fp:
+                continue
+            dropped, added = ((), fp[2]) if old is None else _diff(old, fp)
+            record = None
+            if old is not None:
+                record = files_record(place, session, old, fp, dropped, added)
+            records.append(record if record is not None else delta_record(place, session, fp))
+            count(dropped, -1)
+            count(added, +1)
+        for place in [p for p in self._prints if p not in live]:
+            count(self._prints.pop(place)[2], -1)
+            self._stamps.pop(place, None)
+            records.append(delta_record(place, None, None))
+        if not records:
+            return
+        adds: dict[str, int] = {}
+        removes: list[str] = []
+        for name, (step, fd) in counts.items():
+            refs = self._refs.get(name, 0) + step
+            if refs > 0:
+                self._refs[name] = refs
+                if held.get(name) != fd and (step > 0 or name not in held):
+                    adds[name] = fd
+            else:
+                self._refs.pop(name, None)
+                if name in held:
+                    removes.append(name)
         line = delta_line(records)
-        if len(line) > MAX_DELTA_LINE:  # one big session changed: a snapshot is as cheap
+        if len(line) > MAX_DELTA_LINE:  # a big session changed whole: a snapshot is as cheap
             self._sync_full(luo)
             return
         self._send_delta(adds, line, removes)
-        self._held = files
-        self._prints = prints
+        for name in removes:
+            held.pop(name, None)
+        held.update(adds)
+        self._held = held
         self._delta_count += 1
         self._delta_bytes += len(line) + 1
 

@@ -152,12 +152,15 @@ class StateDir:
             raise ValueError(f"{name!r} is not a file name")
         return name
 
-    def write_atomic(self, name: str, data: bytes, mode: int = 0o600) -> None:
+    def write_atomic(self, name: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
         """Replace ``name`` with ``data``: readers see the old or the new file, never a mix.
 
         The data goes to a fresh file (``O_EXCL|O_NOFOLLOW``, exactly ``mode``)
         that is renamed over ``name``; on any failure it is removed, so a full
-        disk leaves nothing behind and ``name`` as it was.
+        disk leaves nothing behind and ``name`` as it was. ``durable``: the
+        data is fsync'ed before the rename (what must survive a crash of the
+        machine); without it, only readers are served (a file rewritten at
+        every start).
         """
         self._name(name)
         while True:
@@ -178,7 +181,8 @@ class StateDir:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
