@@ -127,6 +127,18 @@ class KernelTransport:
         return results
 
 
+def _send_request(sock: socket.socket, request: bytes, fds: list[int]) -> None:
+    """Send one request with the caller's fds. A caller's fd that is not
+    open is sent without it: luod then answers in its own check order (a
+    duplicate token is EEXIST before a bad fd is EBADF), as the kernel would."""
+    try:
+        wire.send_message(sock, request, fds)
+    except OSError as exc:
+        if exc.errno != errno.EBADF or not fds:
+            raise
+        wire.send_message(sock, request)
+
+
 class SocketTransport:
     """luod's Unix socket: the same structs, framed per ``wire.md``."""
 
@@ -215,14 +227,7 @@ class SocketTransport:
             except OSError as exc:
                 raise error_from_errno(exc.errno or errno.EMFILE, _ioctl_name(cmd)) from None
         try:
-            try:
-                wire.send_message(sock, request, fds)
-            except OSError as exc:
-                if exc.errno != errno.EBADF or not fds:
-                    raise
-                # Not an open fd: let the daemon answer in its own check order
-                # (a duplicate token is EEXIST before a bad fd is EBADF).
-                wire.send_message(sock, request)
+            _send_request(sock, request, fds)
             if spare >= 0:
                 os.close(spare)
                 spare = -1
@@ -293,13 +298,7 @@ class SocketTransport:
                 fds.append(caller_fd)
         request = wire.encode_request(cmd, view)
         try:
-            try:
-                wire.send_message(sock, request, fds)
-            except OSError as exc:
-                if exc.errno != errno.EBADF or not fds:
-                    raise
-                # Not an open fd: luod answers it in its own check order, as for ioctl().
-                wire.send_message(sock, request)
+            _send_request(sock, request, fds)
         except OSError as exc:
             raise _transport_error(exc, _ioctl_name(cmd)) from None
 
