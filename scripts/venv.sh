@@ -14,3 +14,5 @@ if [ ! -e "$stamp" ]; then
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
+# The C programs' preload shim (libluoshim.so), rebuilt only when its source changed.
+"$ROOT/scripts/build-shim"
