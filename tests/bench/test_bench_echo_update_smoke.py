@@ -5,30 +5,16 @@ No timing is asserted: only that the benchmark cannot rot.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchrun import run_quick
 
 pytestmark = pytest.mark.luod_only
 
 
 def test_echo_update_bench_quick_measures_both_ways(tmp_path: Path) -> None:
-    out = tmp_path / "echo_update.json"
-    result = subprocess.run(
-        [sys.executable, "bench/echo_update.py", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = run_quick("echo_update", tmp_path)
     assert data["name"] == "echo_update"
     (table,) = data["tables"]
     assert [row[0] for row in table["rows"]] == ["pre-started", "stop, then start"]

@@ -7,32 +7,17 @@ them with its content (the benchmark checks each fd against its name).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchrun import run_quick
 
 # Not skipped without s6: CI installs it, and a skip would let the benchmark rot.
 pytestmark = pytest.mark.luod_only
 
 
 def test_holders_bench_quick_brings_every_fd_back_with_its_content(tmp_path: Path) -> None:
-    out = tmp_path / "holders.json"
-    result = subprocess.run(
-        [sys.executable, "bench/holders.py", "--quick", "--out", str(out),
-         "--plots", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = run_quick("holders", tmp_path, plots=True)
     assert data["name"] == "holders"
     (table,) = data["tables"]
     columns = table["columns"]

@@ -6,31 +6,16 @@ counts that is not a time (the service is never restarted by luod's reboots).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchrun import run_quick
 
 pytestmark = pytest.mark.luod_only
 
 
 def test_supervised_bench_quick_writes_its_results(tmp_path: Path) -> None:
-    out = tmp_path / "supervised.json"
-    result = subprocess.run(
-        [sys.executable, "bench/supervised.py", "--quick", "--out", str(out),
-         "--plots", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = run_quick("supervised", tmp_path, plots=True)
     assert data["name"] == "supervised"
     (table,) = data["tables"]
     cases = [row[0] for row in table["rows"]]

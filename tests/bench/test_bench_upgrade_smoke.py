@@ -9,14 +9,10 @@ warm restart drops every connection (which shows the count counts).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from benchrun import run_quick
 
 pytestmark = pytest.mark.luod_only
 
@@ -29,18 +25,7 @@ WAYS = [
 
 
 def test_upgrade_bench_quick_measures_every_way_and_loses_no_item(tmp_path: Path) -> None:
-    out = tmp_path / "upgrade.json"
-    result = subprocess.run(
-        [sys.executable, "bench/upgrade.py", "--quick", "--out", str(out),
-         "--plots", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = run_quick("upgrade", tmp_path, plots=True)
     assert data["name"] == "upgrade"
     blackout, unmaps, rates = data["tables"]
     assert [row[0] for row in unmaps["rows"]] == [1, 4]
