@@ -41,19 +41,12 @@ import time
 from pathlib import Path
 
 import resultfile
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo_service.py"
 PACE = 0.002
 OPT_IN = 'sel.register(svc.freeze_fd(), selectors.EVENT_READ, "freeze")'
-
-
-def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out: {what}")
-        time.sleep(0.01)
 
 
 def echoes(port: int, stop: threading.Event, times: list[float], errors: list[str]) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import resultfile
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = ROOT / "examples" / "echo_service.py"
@@ -48,14 +49,6 @@ ECHO = ROOT / "examples" / "echo_service.py"
 PACE = 0.005
 #: Seconds between two new connections of the second client.
 CONNECT_EVERY = 0.05
-
-
-def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out: {what}")
-        time.sleep(0.01)
 
 
 class Setup:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import mmap
 import os
@@ -54,11 +55,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import resultfile
+import waiting
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -77,12 +78,8 @@ KVCACHE = [sys.executable, "-m", "liveupdate.kvcache"]
 LUOCTL = [sys.executable, "-m", "liveupdate.cli.luoctl"]
 
 
-def wait_until(check: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out: {what}")
-        time.sleep(0.005)
+#: The benchmark's waits: a minute by default, polled every 5 ms.
+wait_until = functools.partial(waiting.wait_until, timeout=60.0, step=0.005)
 
 
 def free_port() -> int:
@@ -526,9 +523,11 @@ def measure(way: Way, cache_mib: int) -> Outcome:
         active.start()
         time.sleep(CALM)
         way.upgrade()
-        wait_until(lambda: server_pid(way.port) not in (None, old_pid), "the new server", 600)
+        wait_until(
+            lambda: server_pid(way.port) not in (None, old_pid), "the new server", timeout=600
+        )
         done = len(active.answers)
-        wait_until(lambda: len(active.answers) > done + 10, "answers after the upgrade", 60)
+        wait_until(lambda: len(active.answers) > done + 10, "answers after the upgrade", timeout=60)
         time.sleep(CALM)
         active.stop.set()
         active.join(60)
