@@ -41,6 +41,17 @@ def _finish(service: Service, talker: Talker, connector: Connector) -> None:
     service.stop()
 
 
+def _serving(luod: Luod, tmp_path: Path) -> tuple[Service, int, Talker, Connector]:
+    """The echo service under a supervisor, its pid, and its two clients at work."""
+    service = Service(luod, tmp_path)
+    service.start()
+    pid = service.service_pid()
+    talker, connector = Talker(service.port), Connector(service.port)
+    talker.start()
+    connector.start()
+    return service, pid, talker, connector
+
+
 def _check_clients(talker: Talker, connector: Connector) -> None:
     assert talker.error is None, talker.error
     # Every line was echoed, in order, over the one connection.
@@ -51,12 +62,7 @@ def _check_clients(talker: Talker, connector: Connector) -> None:
 
 
 def test_ten_luod_reboots_restart_the_service_zero_times(luod: Luod, tmp_path: Path) -> None:
-    service = Service(luod, tmp_path)
-    service.start()
-    pid = service.service_pid()
-    talker, connector = Talker(service.port), Connector(service.port)
-    talker.start()
-    connector.start()
+    service, pid, talker, connector = _serving(luod, tmp_path)
     try:
         _echoes_after_now(talker, "no echo before the reboots")
         for n in range(10):
@@ -95,12 +101,7 @@ def test_luod_sigkilled_and_started_again_gets_the_session_back(
     luod_factory: Callable[..., Luod], tmp_path: Path, keeper: str, comes_back: str
 ) -> None:
     luod = luod_factory("--keeper", keeper)
-    service = Service(luod, tmp_path)
-    service.start()
-    pid = service.service_pid()
-    talker, connector = Talker(service.port), Connector(service.port)
-    talker.start()
-    connector.start()
+    service, pid, talker, connector = _serving(luod, tmp_path)
     try:
         _echoes_after_now(talker, "no echo before the crash")
         luod.stop(signal.SIGKILL)
@@ -141,12 +142,7 @@ def test_luod_sigkilled_and_started_again_gets_the_session_back(
 
 
 def test_luod_that_never_comes_back_leaves_the_service_running(luod: Luod, tmp_path: Path) -> None:
-    service = Service(luod, tmp_path)
-    service.start()
-    pid = service.service_pid()
-    talker, connector = Talker(service.port), Connector(service.port)
-    talker.start()
-    connector.start()
+    service, pid, talker, connector = _serving(luod, tmp_path)
     try:
         _echoes_after_now(talker, "no echo before the crash")
         luod.stop(signal.SIGKILL)
