@@ -40,18 +40,52 @@ def _s32(value: int) -> bytes:
 @pytest.mark.parametrize("status", [0, -errno.EBUSY, -errno.EIO])
 def test_hello_roundtrip(status: int) -> None:
     hello = wire.encode_hello(status)
-    assert hello == _u32(wire.HELLO_MAGIC) + _u32(1) + _s32(status) + _u32(0)
+    # Only an accepted open announces features: a refusal stays 1.0's bytes.
+    features = wire.FEATURES if status == 0 else 0
+    assert hello == _u32(wire.HELLO_MAGIC) + _u32(1) + _s32(status) + _u32(features)
     assert hello[:4] == b"LUOD"
     assert wire.decode_hello(hello) == status
+    assert wire.parse_hello(hello) == wire.Hello(status, features)
 
 
 def test_hello_default_status() -> None:
     assert wire.decode_hello(wire.encode_hello()) == 0
 
 
-def test_hello_reserved_is_not_checked() -> None:
+def test_hello_unknown_feature_bits_are_ignored() -> None:
     hello = wire.encode_hello()[:12] + _u32(0xDEADBEEF)
     assert wire.decode_hello(hello) == 0
+    assert wire.parse_hello(hello).features == 0xDEADBEEF
+
+
+def test_hello_announces_channels() -> None:
+    assert wire.parse_hello(wire.encode_hello()).features & wire.FEATURE_CHANNELS
+
+
+def test_bind_message_roundtrip() -> None:
+    req = wire.decode_request(wire.encode_bind())
+    assert req.cmd == wire.BIND_CMD
+    assert req.arg == wire.BIND.pack(wire.BIND.size, 0)
+    wire.decode_bind(req.arg)
+    # A longer struct (a later revision's) is accepted when its tail is sent.
+    wire.decode_bind(wire.BIND.pack(12, 0) + bytes(4))
+
+
+@pytest.mark.parametrize(
+    ("arg", "err"),
+    [
+        (b"", errno.EFAULT),
+        (b"\x08\x00", errno.EFAULT),
+        (wire.BIND.pack(16, 0), errno.EFAULT),
+        (wire.BIND.pack(4, 0)[:4], errno.EINVAL),
+        (wire.BIND.pack(8, 1), errno.EINVAL),
+    ],
+    ids=["empty", "short", "size-past-end", "size-below-struct", "flags"],
+)
+def test_bind_argument_errors(arg: bytes, err: int) -> None:
+    with pytest.raises(FramingError) as exc:
+        wire.decode_bind(arg)
+    assert exc.value.errno == err
 
 
 def test_hello_bad_magic() -> None:

@@ -1,9 +1,17 @@
-"""Framing of the LUO ioctl ABI over luod's Unix sockets (wire protocol v1).
+"""Framing of the LUO ioctl ABI over luod's Unix sockets (wire protocol 1.1).
 
 The protocol is deliberately thin (see ``wire.md``): a 16-byte hello when a
 device connection opens, then one request message per ioctl (8-byte header +
 the caller's struct bytes) answered by one reply message (8-byte header + the
 bytes written back). File descriptors travel as ``SCM_RIGHTS``.
+
+Revision 1.1 adds *channels*, announced in the hello's ``features`` word
+(the word 1.0 reserved): a caller that shares a device or session fd with
+other processes sends a :data:`BIND_CMD` message carrying one end of a fresh
+socketpair, and luod serves that end as a private connection to the same
+device or session. Replies then reach the caller that asked, as they do for
+the kernel's ``ioctl(2)``. Every 1.0 exchange is unchanged, so a 1.0 client
+keeps working against a 1.1 luod (``docs/concepts/wire.md``).
 
 Both sides use this module: the daemon to decode requests and encode
 replies, the client library to do the reverse. It knows nothing about what
@@ -30,6 +38,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = [
+    "BIND",
+    "BIND_CMD",
+    "FEATURES",
+    "FEATURE_CHANNELS",
     "HELLO",
     "HELLO_MAGIC",
     "MAX_ARG_LEN",
@@ -38,24 +50,38 @@ __all__ = [
     "REPLY_HEADER",
     "REQUEST_HEADER",
     "FramingError",
+    "Hello",
     "Message",
     "Request",
     "close_fds",
+    "decode_bind",
     "decode_hello",
     "decode_reply",
     "decode_request",
+    "encode_bind",
     "encode_hello",
     "encode_reply",
     "encode_request",
+    "parse_hello",
     "recv_message",
     "send_message",
 ]
 
 #: ``L U O D`` read as a native little-endian u32.
 HELLO_MAGIC = 0x444F554C
+#: The major version: it changes only when a 1.0 client could no longer work.
 PROTOCOL_VERSION = 1
-#: magic, version, status (0 or -errno), reserved.
+#: magic, version, status (0 or -errno), features (1.0: reserved, 0).
 HELLO = struct.Struct("<IIiI")
+#: ``features`` bit: luod serves :data:`BIND_CMD` (revision 1.1).
+FEATURE_CHANNELS = 1 << 0
+#: Every feature this side implements; a successful hello announces them.
+FEATURES = FEATURE_CHANNELS
+#: The ``cmd`` of a BIND message. Its type byte (0x42) is not LUO's (0xBA),
+#: so no ioctl number can take it, and a 1.0 luod answers it ``ENOTTY``.
+BIND_CMD = 0x4201
+#: A BIND message's argument: ``u32 size`` (8), ``u32 flags`` (0).
+BIND = struct.Struct("<II")
 #: cmd, arg_len.
 REQUEST_HEADER = struct.Struct("<II")
 #: ret (0 or -errno), out_len.
@@ -95,25 +121,71 @@ class FramingError(Exception):
 # -- hello -------------------------------------------------------------------
 
 
+class Hello(NamedTuple):
+    """A decoded hello."""
+
+    #: 0, or the negative errno that refused the open.
+    status: int
+    #: The features the daemon serves (``FEATURE_*``; 0 from a 1.0 daemon).
+    features: int
+
+
 def encode_hello(status: int = 0) -> bytes:
-    """The daemon's first message on a device connection (status 0 or -errno)."""
-    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, status, 0)
+    """The daemon's first message on a device connection (status 0 or -errno).
+
+    A refused open announces no features: the connection closes after it, and
+    the refusal stays byte for byte what protocol 1.0 sends.
+    """
+    return HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, status, FEATURES if status == 0 else 0)
 
 
-def decode_hello(data: bytes) -> int:
-    """Check a hello and return its status (0 or a negative errno).
+def parse_hello(data: bytes) -> Hello:
+    """Check a hello and return its status and features.
 
     Raises :class:`FramingError` (``EPROTO``) when the peer does not speak
-    this protocol.
+    this protocol. Feature bits this side does not know are ignored: a
+    later revision only adds what a client must ask for.
     """
     if len(data) != HELLO.size:
         raise FramingError(errno.EPROTO, f"hello of {len(data)} bytes, expected {HELLO.size}")
-    magic, version, status, _reserved = HELLO.unpack(data)
+    magic, version, status, features = HELLO.unpack(data)
     if magic != HELLO_MAGIC:
         raise FramingError(errno.EPROTO, f"bad hello magic {magic:#x}")
     if version != PROTOCOL_VERSION:
         raise FramingError(errno.EPROTO, f"unsupported protocol version {version}")
-    return int(status)
+    return Hello(int(status), int(features))
+
+
+def decode_hello(data: bytes) -> int:
+    """Check a hello and return its status (0 or a negative errno); see :func:`parse_hello`."""
+    return parse_hello(data).status
+
+
+# -- channels (1.1) ------------------------------------------------------------
+
+
+def encode_bind(flags: int = 0) -> bytes:
+    """A BIND message; one end of a fresh socketpair goes with it as ``SCM_RIGHTS``."""
+    return encode_request(BIND_CMD, BIND.pack(BIND.size, flags))
+
+
+def decode_bind(arg: bytes) -> None:
+    """Check a BIND message's argument (the fd it carries is the caller's to check).
+
+    Raises :class:`FramingError`: ``EFAULT`` when ``size`` claims more bytes
+    than were sent, ``EINVAL`` for a ``size`` below the struct or flags set
+    (none is defined yet).
+    """
+    if len(arg) < 4:
+        raise FramingError(errno.EFAULT, f"BIND argument of {len(arg)} bytes")
+    (size,) = struct.unpack_from("<I", arg)
+    if size > len(arg):
+        raise FramingError(errno.EFAULT, f"BIND size {size} but {len(arg)} bytes sent")
+    if size < BIND.size:
+        raise FramingError(errno.EINVAL, f"BIND size {size} below {BIND.size}")
+    _size, flags = BIND.unpack_from(arg)
+    if flags:
+        raise FramingError(errno.EINVAL, f"unknown BIND flags {flags:#x}")
 
 
 # -- requests and replies ---------------------------------------------------

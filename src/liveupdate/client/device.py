@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -88,15 +89,63 @@ def _name_bytes(name: str | bytes) -> bytes:
     return raw
 
 
-class _FdObject:
-    """An owned fd with ``ioctl``, ``close`` and context-manager support."""
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
-    def __init__(self, fd: int, transport: AnyTransport) -> None:
+
+class _FdObject:
+    """An owned fd with ``ioctl``, ``close`` and context-manager support.
+
+    Over luod's socket a call is a request then its reply, and processes
+    sharing one fd (after ``fork``, ``exec`` or ``SCM_RIGHTS``) would share
+    one queue of replies. So only the process that received the fd from luod
+    calls on it directly; any other process binds its own *channel* to it
+    (wire 1.1, :meth:`~liveupdate.client.transport.SocketTransport.bind`) at
+    its first call, and luod answers that process there. Threads of one
+    process share the route and take turns (a lock).
+    """
+
+    def __init__(self, fd: int, transport: AnyTransport, *, shared: bool = False) -> None:
         self._fd = fd
         self.transport = transport
-        # Over a socket, a call is a request then its reply on one fd: two
-        # threads calling at once would take each other's replies.
         self._lock = threading.Lock()
+        #: Calls go straight to the fd (this process got it from luod, or
+        #: the transport needs no channel); else through :attr:`_channel`.
+        self._direct = not shared
+        #: This process's channel to the fd (-1: none bound yet).
+        self._channel = -1
+        _live_objects.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the fd is shared with the parent from now on."""
+        # The lock may have been held by a thread that does not exist here.
+        self._lock = threading.Lock()
+        self._direct = False
+        if self._channel >= 0:
+            # The parent's channel: this copy is closed, the parent keeps its own.
+            _close_quietly(self._channel)
+            self._channel = -1
+
+    def _route(self) -> int:
+        """The fd this process's calls go through (the lock is held)."""
+        fd = self.fileno()
+        if self._direct:
+            return fd
+        if self._channel < 0:
+            channel = self.transport.bind(fd)
+            if channel == fd:  # a kernel's fd, or a luod without channels
+                self._direct = True
+                return fd
+            self._channel = channel
+        return self._channel
+
+    def _drop_channel(self) -> None:
+        if self._channel >= 0:
+            channel, self._channel = self._channel, -1
+            _close_quietly(channel)
 
     def fileno(self) -> int:
         """The underlying fd (owned by this object until :meth:`close` or :meth:`detach`)."""
@@ -118,12 +167,11 @@ class _FdObject:
         :class:`~liveupdate.LiveUpdateError` subclass on failure.
 
         Calls through one object are serialized across threads. Processes
-        that share one session fd (a supervisor and its service) must not
-        call at the same time: over luod's socket they would read each
-        other's replies.
+        that share the fd may call at the same time, each gets its own
+        reply: see the class's description.
         """
         with self._lock:
-            return self.transport.ioctl(self.fileno(), cmd, buf)  # type: ignore[arg-type]
+            return self.transport.ioctl(self._route(), cmd, buf)  # type: ignore[arg-type]
 
     def ioctl_many(
         self, cmd: int, bufs: Sequence[Buffer | ctypes.Structure]
@@ -136,17 +184,33 @@ class _FdObject:
         :meth:`~liveupdate.client.transport.SocketTransport.ioctl_many`.
         """
         with self._lock:
-            return self.transport.ioctl_many(self.fileno(), cmd, bufs)  # type: ignore[arg-type]
+            return self.transport.ioctl_many(self._route(), cmd, bufs)  # type: ignore[arg-type]
+
+    def replace_fd(self, fd: int) -> None:
+        """Put the open ``fd`` under this object's fd number (``dup2``), then close ``fd``.
+
+        For a holder that got the session's new fd after luod rebooted:
+        whatever was built on :meth:`fileno` still holds. The new fd counts
+        as shared (it came from another process): the next call binds a
+        channel to it.
+        """
+        with self._lock:
+            self._drop_channel()
+            self._direct = False
+            os.dup2(fd, self.fileno(), inheritable=False)
+            os.close(fd)
 
     def detach(self) -> int:
         """Give up ownership of the fd and return it."""
         fd, self._fd = self.fileno(), -1
+        self._drop_channel()
         return fd
 
     def close(self) -> None:
         """Close the fd (idempotent)."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            self._drop_channel()
             os.close(fd)
 
     def __enter__(self) -> Self:
@@ -159,6 +223,18 @@ class _FdObject:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: Every open device and session object, told when this process forks.
+_live_objects: weakref.WeakSet[_FdObject] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_live_objects):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Session(_FdObject):
@@ -175,16 +251,22 @@ class Session(_FdObject):
         transport: AnyTransport,
         name: bytes | None = None,
         direction: uapi.SessionDirection | None = None,
+        *,
+        shared: bool = False,
     ) -> None:
-        super().__init__(fd, transport)
+        super().__init__(fd, transport, shared=shared)
         self._name = name
         #: Outgoing or incoming, when known (``None`` for an inherited fd).
         self.direction = direction
 
     @classmethod
     def from_fd(cls, fd: int, direction: uapi.SessionDirection | None = None) -> Session:
-        """Adopt an open session fd (inherited from a parent, received...)."""
-        return cls(fd, transport_for_fd(fd), direction=direction)
+        """Adopt an open session fd (inherited from a parent, received...).
+
+        The fd may be shared with the process it came from: calls go
+        through a channel of this process's own (see :meth:`ioctl`).
+        """
+        return cls(fd, transport_for_fd(fd), direction=direction, shared=True)
 
     @property
     def raw_name(self) -> bytes:
@@ -372,7 +454,7 @@ class Session(_FdObject):
         when luod rebooted.
         """
         with self._lock:
-            return self.transport.fence(self.fileno(), timeout)
+            return self.transport.fence(self._route(), timeout)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

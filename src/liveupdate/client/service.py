@@ -271,8 +271,7 @@ class InheritedSession:
             for fd in fds:
                 os.close(fd)
             return False
-        os.dup2(fds[0], self.outgoing.fileno(), inheritable=False)
-        os.close(fds[0])
+        self.outgoing.replace_fd(fds[0])
         return True
 
     # -- pre-started updates -------------------------------------------------------------

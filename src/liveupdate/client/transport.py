@@ -64,6 +64,11 @@ class Transport(Protocol):
         someone else sent; returns how many were discarded."""
         ...
 
+    def bind(self, fd: int) -> int:
+        """An fd through which this process's calls on the shared ``fd`` get
+        their own replies; ``fd`` itself when its calls already do."""
+        ...
+
     def ioctl_many(self, fd: int, cmd: int, bufs: Sequence[Buffer]) -> list[LiveUpdateError | None]:
         """Run ``cmd`` on ``fd`` once per buffer, in order; each call's error or None.
 
@@ -113,6 +118,10 @@ class KernelTransport:
     def fence(self, fd: int, timeout: float | None = None) -> int:
         """Nothing to discard: ``ioctl(2)`` returns its own caller's answer."""
         return 0
+
+    def bind(self, fd: int) -> int:
+        """``fd`` itself: ``ioctl(2)`` answers its own caller, shared fd or not."""
+        return fd
 
     def ioctl_many(self, fd: int, cmd: int, bufs: Sequence[Buffer]) -> list[LiveUpdateError | None]:
         """One ``ioctl(2)`` per buffer: a system call has no round trip to save."""
@@ -179,6 +188,54 @@ class SocketTransport:
                 )
             raise error_from_errno(-status, f"open {path}")
         return sock.detach()
+
+    def bind(self, fd: int) -> int:
+        """Bind a private channel to the device or session behind ``fd`` (wire 1.1).
+
+        Sends a BIND carrying one end of a fresh socketpair and waits for
+        luod's acknowledgement on the other end, which is returned: calls
+        made on it reach the same device or session, and their replies come
+        back on it, whoever else shares ``fd``.
+
+        A luod older than channels (1.0) closes the fd the BIND carried and
+        answers it ``ENOTTY`` on ``fd``; that answer is read off ``fd`` and
+        ``fd`` itself is returned: calls then go there as before. Any other
+        refusal raises its error (``EMFILE``: luod's channel limit).
+        """
+        what = "BIND (wire 1.1 channel)"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        shared = socket.socket(_AF_UNIX, _SOCK_SEQPACKET, 0, fd)
+        try:
+            try:
+                wire.send_message(shared, wire.encode_bind(), [theirs.fileno()])
+            finally:
+                theirs.close()
+            # The acknowledgement comes on the channel; a refusal closes it
+            # (EOF) and is answered on the shared fd, after the close.
+            ack = wire.recv_message(ours, wire.REPLY_HEADER.size + 1)
+            wire.close_fds(ack.fds)
+            if ack.length:
+                ret, _out = wire.decode_reply(ack.data)
+                if ret:
+                    raise error_from_errno(-ret, what)
+                return ours.detach()
+            refusal = wire.recv_message(shared, wire.REPLY_HEADER.size + 1)
+            wire.close_fds(refusal.fds)
+            if refusal.length == 0:
+                raise error_from_errno(errno.ENODEV, f"{what} (luod rebooted or stopped)")
+            ret, _out = wire.decode_reply(refusal.data)
+            if ret == -errno.ENOTTY:
+                return fd
+            raise error_from_errno(-ret if ret < 0 else errno.EPROTO, what)
+        except wire.FramingError as exc:
+            raise error_from_errno(exc.errno, f"{what}: {exc}") from None
+        except OSError as exc:
+            if isinstance(exc, LiveUpdateError):
+                raise
+            raise _transport_error(exc, what) from None
+        finally:
+            shared.detach()  # the fd stays the caller's
+            ours.close()  # unless detached above
 
     def ioctl(self, fd: int, cmd: int, buf: Buffer) -> int:
         view = _as_bytes_view(buf)

@@ -1,7 +1,10 @@
 """An endpoint: one socket luod serves, and what the kernel says about its peer.
 
 Every connection of luod is an :class:`Endpoint`: a device connection
-(accepted on the listening socket) or luod's end of a session's socketpair.
+(accepted on the listening socket), luod's end of a session's socketpair, or
+a *channel* of either (wire protocol 1.1): a private connection that one
+caller bound to a shared device or session fd, so that its replies reach it
+and no other process sharing that fd.
 The transport (:mod:`liveupdate.server.transport`) serves them; the
 ghost-hold watcher (:mod:`liveupdate.server.holds`) asks who holds their
 client's end. Who the peer is comes from the kernel, fixed when it
@@ -95,9 +98,12 @@ class Endpoint:
     sender: Owner | None = None
     #: A control connection (:mod:`liveupdate.server.control`), not the device.
     control: bool = False
+    #: For a channel: the endpoint it was bound to (whose close ends it too).
+    main: Endpoint | None = None
+    #: For a main endpoint: the channels bound to it, closed with it.
+    channels: list[Endpoint] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
-        if self.session is not None:
-            return "session"
-        return "control" if self.control else "device"
+        kind = "session" if self.session is not None else "control" if self.control else "device"
+        return kind if self.main is None else kind + "-channel"

@@ -1,8 +1,10 @@
 """luod's transport: the device socket, session socketpairs, one event loop.
 
 Every connection the daemon serves is an :class:`Endpoint`: a device
-connection (accepted on the listening socket, greeted with a hello) or the
-daemon's end of a session's socketpair. Requests are decoded by
+connection (accepted on the listening socket, greeted with a hello), the
+daemon's end of a session's socketpair, or a channel bound to either by a
+BIND message (wire 1.1: a caller's private connection to a shared fd, see
+:meth:`DeviceServer._bind`). Requests are decoded by
 :mod:`liveupdate.wire`, run through :func:`liveupdate.dispatch.dispatch`
 against the core's tables, and answered in order, one reply per message.
 
@@ -57,6 +59,10 @@ _RECV_BUF = wire.REQUEST_HEADER.size + wire.MAX_ARG_LEN + 1
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 #: The events' logger, asked once per call whether ioctls are logged at all.
 _events = logging.getLogger(EVENT_LOGGER)
+#: Channels one device or session connection may have at once: one per
+#: process that shares its fd, in practice. Each costs luod an fd; beyond
+#: this a BIND is answered ``EMFILE``.
+MAX_CHANNELS = 256
 
 
 def _earliest(*waits: float | None) -> float | None:
@@ -267,8 +273,9 @@ class DeviceServer:
         while the files stay held by the orchestrator for the next one.
         """
         for ep in list(self.endpoints):
-            self._discard_input(ep)
-            self._drop(ep)
+            if ep.main is None:  # a channel goes with the fd it serves
+                self._discard_input(ep)
+                self._drop(ep)
         self.device = None
 
     def _discard_input(self, ep: Endpoint) -> None:
@@ -433,9 +440,11 @@ class DeviceServer:
             reply = Reply.error(errno.EIO)
         finally:
             wire.close_fds(msg.fds)
-        self._reply(ep, wire.encode_reply(reply.ret, reply.out), reply.fd)
+        if reply is not None:
+            self._reply(ep, wire.encode_reply(reply.ret, reply.out), reply.fd)
 
-    def _handle(self, ep: Endpoint, msg: wire.Message) -> Reply:
+    def _handle(self, ep: Endpoint, msg: wire.Message) -> Reply | None:
+        """The reply to one request; ``None`` for a BIND answered on its channel."""
         try:
             req = wire.decode_request(msg.data, msg.length)
         except wire.FramingError as exc:
@@ -445,6 +454,8 @@ class DeviceServer:
             # Our own fd table is full: the kernel dropped what was sent.
             event("fds-dropped", logging.WARNING, endpoint=ep.kind)
             return Reply.error(errno.ENOMEM)
+        if req.cmd == wire.BIND_CMD:
+            return self._bind(ep, req.arg, msg.fds)
         # One call context per endpoint, made at its first call and refreshed
         # with what changes per call: nothing is allocated for the context on
         # the fast path.
@@ -496,6 +507,63 @@ class DeviceServer:
     def _detach_after_reply(self, ep: Endpoint) -> None:
         """The session was handed over: its fd dies once this reply is out."""
         ep.detach = True
+        if ep.main is not None:
+            # Asked on a channel: the session's own fd is handed over too
+            # (its close, from now on, is no release).
+            ep.main.detach = True
+
+    # -- channels (wire 1.1) --------------------------------------------------
+
+    def _bind(self, ep: Endpoint, arg: bytes, fds: list[int]) -> Reply | None:
+        """Serve the socket a BIND carries as a private channel of ``ep``'s fd.
+
+        Processes sharing one device or session fd share one queue of
+        replies: whoever reads first takes the next one. A caller that binds
+        a channel (one end of its own socketpair) sends its requests there
+        and gets its replies there, while the channel serves the very same
+        device or session. The BIND is acknowledged *on the channel* (a
+        reply of ``ret`` 0), so no other sharer can take the
+        acknowledgement; a BIND that fails is answered on ``ep`` like any
+        request, since there is no channel to answer on.
+
+        A session channel checks each call's sender like the session's fd
+        (``SCM_CREDENTIALS``); a device channel belongs to the process that
+        made the socketpair (``SO_PEERCRED``), not to the device's opener.
+        Closing a channel ends only the channel; the close of the fd it was
+        bound to ends every channel with it.
+        """
+        try:
+            wire.decode_bind(arg)
+        except wire.FramingError as exc:
+            return Reply.error(exc.errno)
+        if len(fds) != 1:
+            return Reply.error(errno.EBADF)
+        main = ep.main or ep
+        if len(main.channels) >= MAX_CHANNELS:
+            return Reply.error(errno.EMFILE)
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket (ENOTSOCK)
+            return Reply.error(errno.EINVAL)
+        fds.clear()  # the socket owns the fd now
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+                raise OSError(errno.EINVAL, "a channel is an AF_UNIX SOCK_SEQPACKET socket")
+            owner = main.owner if main.session is not None else peer_owner(sock)
+            if main.session is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.setblocking(False)
+            # A socket with no peer (never connected, or its other end
+            # already closed) fails here: nobody could read the replies.
+            sock.send(wire.encode_reply(0))
+        except OSError:
+            sock.close()
+            return Reply.error(errno.EINVAL)
+        chan = Endpoint(sock, owner, main.session, control=main.control, main=main)
+        main.channels.append(chan)
+        self._register(chan)
+        event("channel-bound", logging.DEBUG, endpoint=main.kind, peer_pid=owner.pid)
+        return None
 
     def _reply(self, ep: Endpoint, data: bytes, fd: int | None) -> None:
         if ep.closed:  # the call itself closed it (e.g. released its own session)
@@ -521,7 +589,7 @@ class DeviceServer:
             if fd is not None:
                 os.close(fd)
         if ep.detach and not ep.pending:
-            self._drop(ep)
+            self._drop(ep.main or ep)
             return
         if ep.writing and not ep.closed:
             # Back to reading: requests that queued meanwhile are reported
@@ -546,6 +614,15 @@ class DeviceServer:
         except (KeyError, ValueError):
             pass
         ep.sock.close()
+        # The fd's own hang-up first, then its channels': a process that
+        # learns of the close on its channel finds the shared fd (its
+        # sharers' signal) already hung up.
+        channels, ep.channels = ep.channels, []
+        for chan in channels:
+            self._discard_input(chan)
+            self._drop(chan)
+        if ep.main is not None and ep in ep.main.channels:
+            ep.main.channels.remove(ep)
         if ep.session is not None and ep.session.endpoint is ep:
             ep.session.endpoint = None
 
@@ -557,7 +634,10 @@ class DeviceServer:
         nothing.
         """
         session = ep.session
-        handed_over = ep.detach or (session is not None and session.endpoint is not ep)
+        # A channel's close ends the channel only: the fd it serves lives on.
+        handed_over = (
+            ep.main is not None or ep.detach or (session is not None and session.endpoint is not ep)
+        )
         self._drop(ep)
         if handed_over:
             return

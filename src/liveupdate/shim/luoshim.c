@@ -22,12 +22,22 @@
  * The verdict is cached per fd with the socket's inode number; sockets live
  * on one pseudo filesystem whose inode numbers only grow, so a new socket on
  * a reused fd number never matches an old entry.
+ *
+ * Shared fds (wire 1.1 channels). Processes sharing one luod fd would share
+ * one queue of replies. So only the process that got the fd from luod (it
+ * opened the device, or CREATE_SESSION/RETRIEVE_SESSION returned it) calls on
+ * it directly; any other process (a forked child, an exec'd program, a
+ * receiver of SCM_RIGHTS) binds a channel of its own at its first call: one
+ * end of a socketpair sent in a BIND message, on which luod then answers that
+ * process alone. Threads of one process take turns per fd (striped mutexes),
+ * as the kernel's own ioctls take the session's mutex.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -37,6 +47,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -51,6 +62,9 @@
 #define PROTOCOL_VERSION 1U
 #define HELLO_SIZE 16
 #define HEADER_SIZE 8
+/* wire 1.1: the BIND message's cmd and its argument (u32 size, u32 flags). */
+#define BIND_CMD 0x4201U
+#define BIND_SIZE 8U
 #define MAX_ARG_LEN 65536U
 #define FD_OFFSET 4
 
@@ -61,11 +75,30 @@
 #define CMD_RETRIEVE_FD 0xBA41U
 #define CMD_LIST_SESSIONS 0xBA82U
 
-/* Verdict cache: one word per fd, (socket inode << 2) | LUOD | KNOWN. */
+/* Verdict cache: one word per fd, (socket inode << 3) | OWN | LUOD | KNOWN.
+ * OWN: this process got the fd from luod and calls on it directly. */
 #define CACHE_FDS 65536
 #define KNOWN 1ULL
 #define LUOD 2ULL
+#define OWN 4ULL
+#define INODE_SHIFT 3
 static uint64_t verdicts[CACHE_FDS];
+
+/* This process's channel per shared luod fd: the shared socket's inode, and
+ * the channel's fd (+1, so that 0 is "none") and inode. Guarded by the fd's
+ * stripe. The channel's inode is checked before each use: a program that
+ * closes every fd it does not know (closefrom) may have closed it. */
+struct channel {
+	uint64_t shared_ino;
+	uint64_t ino;
+	int fd_plus_1;
+};
+static struct channel channels[CACHE_FDS];
+
+#define STRIPES 256
+static pthread_mutex_t stripes[STRIPES];
+/* The highest fd number remembered: what a fork's child handler walks. */
+static int highest_fd;
 
 typedef int (*open_fn)(const char *, int, ...);
 typedef int (*openat_fn)(int, const char *, int, ...);
@@ -76,6 +109,13 @@ typedef int (*ioctl_fn)(int, unsigned long, ...);
 static void *next(const char *name)
 {
 	return dlsym(RTLD_NEXT, name);
+}
+
+/* The shim's own closes bypass its close() wrapper below, which takes a
+ * stripe's mutex: the shim may already hold it. */
+static int raw_close(int fd)
+{
+	return (int)syscall(SYS_close, fd);
 }
 
 /* -- where luod is (as liveupdate.paths.resolve_device) ---------------------- */
@@ -116,14 +156,18 @@ static int socket_path(char *out, size_t len)
 
 /* -- recognising luod's fds ------------------------------------------------- */
 
-static void remember(int fd, int luod)
+static void remember(int fd, int luod, int own)
 {
 	struct stat st;
 
 	if (fd < 0 || fd >= CACHE_FDS || fstat(fd, &st) != 0)
 		return;
-	__atomic_store_n(&verdicts[fd], ((uint64_t)st.st_ino << 2) | KNOWN | (luod ? LUOD : 0),
+	__atomic_store_n(&verdicts[fd],
+			 ((uint64_t)st.st_ino << INODE_SHIFT) | KNOWN | (luod ? LUOD : 0) |
+				 (own ? OWN : 0),
 			 __ATOMIC_RELAXED);
+	if (fd > __atomic_load_n(&highest_fd, __ATOMIC_RELAXED))
+		__atomic_store_n(&highest_fd, fd, __ATOMIC_RELAXED);
 }
 
 static int peer_is_named_luod(int fd)
@@ -141,7 +185,7 @@ static int peer_is_named_luod(int fd)
 	if (proc < 0)
 		return 0;
 	n = read(proc, comm, sizeof(comm) - 1);
-	close(proc);
+	raw_close(proc);
 	return n == 5 && memcmp(comm, "luod\n", 5) == 0;
 }
 
@@ -187,13 +231,13 @@ static int is_luod_fd(int fd)
 	}
 	if (fd < CACHE_FDS) {
 		entry = __atomic_load_n(&verdicts[fd], __ATOMIC_RELAXED);
-		if ((entry & KNOWN) && (entry >> 2) == (uint64_t)st.st_ino) {
+		if ((entry & KNOWN) && (entry >> INODE_SHIFT) == (uint64_t)st.st_ino) {
 			errno = saved;
 			return (entry & LUOD) != 0;
 		}
 	}
 	luod = is_seqpacket_unix(fd) && (peer_is_device_socket(fd) || peer_is_named_luod(fd));
-	remember(fd, luod);
+	remember(fd, luod, 0);
 	errno = saved;
 	return luod;
 }
@@ -234,6 +278,7 @@ static int luod_open(const char *path, int flags)
 		errno = ENODEV; /* luod closed the connection (it is stopping) */
 		goto fail;
 	}
+	/* The last word holds the features (1.1); none is needed to open. */
 	memcpy(&magic, hello, 4);
 	memcpy(&version, hello + 4, 4);
 	memcpy(&status, hello + 8, 4);
@@ -245,11 +290,11 @@ static int luod_open(const char *path, int flags)
 		errno = -status; /* EBUSY: another opener; EIO: the handover failed */
 		goto fail;
 	}
-	remember(fd, 1);
+	remember(fd, 1, 1);
 	return fd;
 fail:
 	err = errno;
-	close(fd);
+	raw_close(fd);
 	errno = err;
 	return -1;
 }
@@ -443,7 +488,7 @@ static ssize_t recv_reply(int fd, unsigned char *buf, size_t len, int *got, int 
 			if (*got < 0)
 				*got = one;
 			else
-				close(one); /* wire.md: at most one; never leak extras */
+				raw_close(one); /* wire.md: at most one; never leak extras */
 		}
 	}
 	return n;
@@ -455,8 +500,152 @@ static int fail(int err)
 	return -1;
 }
 
-/* One ioctl on a luod fd: one request, one reply (wire.md). */
+/* -- channels (wire 1.1) ------------------------------------------------------ */
+
+static pthread_mutex_t *stripe(int fd)
+{
+	return &stripes[(unsigned int)fd % STRIPES];
+}
+
+static uint64_t inode_of(int fd)
+{
+	struct stat st;
+
+	return fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+/* Forget fd's channel, closing it if the fd number still holds it. */
+static void drop_channel(int fd)
+{
+	struct channel *ch = &channels[fd];
+	int chan = ch->fd_plus_1 - 1;
+
+	if (chan >= 0 && inode_of(chan) == ch->ino)
+		raw_close(chan);
+	memset(ch, 0, sizeof(*ch));
+}
+
+/* Bind a channel to the shared fd: the channel's fd, fd itself when luod
+ * predates channels (it answers the BIND ENOTTY on fd), or -1 with errno. */
+static int bind_channel(int fd)
+{
+	unsigned char msg[HEADER_SIZE + BIND_SIZE], reply[HEADER_SIZE + 1];
+	uint32_t cmd = BIND_CMD, arg_len = BIND_SIZE, size = BIND_SIZE, flags = 0;
+	int pair[2], got, mflags, err;
+	int32_t ret;
+	ssize_t n;
+
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0)
+		return -1;
+	memcpy(msg, &cmd, 4);
+	memcpy(msg + 4, &arg_len, 4);
+	memcpy(msg + 8, &size, 4);
+	memcpy(msg + 12, &flags, 4);
+	if (send_request(fd, msg, sizeof(msg), pair[1]) != 0) {
+		err = peer_gone(errno) ? ENODEV : errno;
+		raw_close(pair[0]);
+		raw_close(pair[1]);
+		return fail(err);
+	}
+	raw_close(pair[1]);
+	/* The acknowledgement comes on the channel; a refusal closes it (EOF)
+	 * and is answered on fd, after the close. */
+	n = recv_reply(pair[0], reply, sizeof(reply), &got, &mflags);
+	if (got >= 0)
+		raw_close(got);
+	if (n == HEADER_SIZE) {
+		memcpy(&ret, reply, 4);
+		if (ret == 0)
+			return pair[0];
+	}
+	raw_close(pair[0]);
+	if (n != 0)
+		return fail(n < 0 ? ENODEV : EPROTO);
+	n = recv_reply(fd, reply, sizeof(reply), &got, &mflags);
+	if (got >= 0)
+		raw_close(got);
+	if (n <= 0)
+		return fail(ENODEV);
+	if (n != HEADER_SIZE)
+		return fail(EPROTO);
+	memcpy(&ret, reply, 4);
+	if (ret == -ENOTTY)
+		return fd;
+	return fail(ret < 0 ? -ret : EPROTO);
+}
+
+/* The fd this process's call on fd goes through (fd's stripe is held). */
+static int route(int fd)
+{
+	uint64_t entry = fd < CACHE_FDS ? __atomic_load_n(&verdicts[fd], __ATOMIC_RELAXED) : 0;
+	uint64_t shared_ino = entry >> INODE_SHIFT;
+	struct channel *ch;
+	int chan;
+
+	if (fd >= CACHE_FDS || (entry & OWN))
+		return fd; /* this process got it from luod (or no room to track it) */
+	ch = &channels[fd];
+	chan = ch->fd_plus_1 - 1;
+	if (chan >= 0 && ch->shared_ino == shared_ino && inode_of(chan) == ch->ino)
+		return chan;
+	if (chan >= 0)
+		drop_channel(fd); /* the fd number now holds another socket */
+	chan = bind_channel(fd);
+	if (chan < 0)
+		return -1;
+	if (chan == fd) {
+		/* A luod without channels: calls go to the fd, as in wire 1.0. */
+		__atomic_store_n(&verdicts[fd], entry | OWN, __ATOMIC_RELAXED);
+		return fd;
+	}
+	ch->shared_ino = shared_ino;
+	ch->ino = inode_of(chan);
+	ch->fd_plus_1 = chan + 1;
+	return chan;
+}
+
+/* In a forked child: every fd is shared with the parent from now on. */
+static void after_fork_in_child(void)
+{
+	int fd, top = __atomic_load_n(&highest_fd, __ATOMIC_RELAXED);
+
+	for (fd = 0; fd < STRIPES; fd++)
+		pthread_mutex_init(&stripes[fd], NULL); /* a parent's thread may hold one */
+	for (fd = 0; fd <= top && fd < CACHE_FDS; fd++) {
+		verdicts[fd] &= ~OWN;
+		if (channels[fd].fd_plus_1)
+			drop_channel(fd); /* our copy of the parent's channel */
+	}
+}
+
+__attribute__((constructor)) static void shim_init(void)
+{
+	int i;
+
+	for (i = 0; i < STRIPES; i++)
+		pthread_mutex_init(&stripes[i], NULL);
+	pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+/* One ioctl on a luod fd: one request, one reply (wire.md), on this
+ * process's route to the fd, taking turns with its other threads. */
+static int luod_ioctl_on(int fd, unsigned int cmd, void *arg);
+
 static int luod_ioctl(int fd, unsigned int cmd, void *arg)
+{
+	pthread_mutex_t *lock = stripe(fd);
+	int path, ret, err;
+
+	pthread_mutex_lock(lock);
+	path = route(fd);
+	ret = path < 0 ? -1 : luod_ioctl_on(path, cmd, arg);
+	err = errno;
+	pthread_mutex_unlock(lock);
+	errno = err;
+	return ret;
+}
+
+static int luod_ioctl_on(int fd, unsigned int cmd, void *arg)
 {
 	unsigned char *request, *reply;
 	uint32_t size = 0, arg_len = 0, out_len;
@@ -506,7 +695,7 @@ static int luod_ioctl(int fd, unsigned int cmd, void *arg)
 		goto out;
 	}
 	if (spare >= 0) {
-		close(spare);
+		raw_close(spare);
 		spare = -1;
 	}
 	n = recv_reply(fd, reply, HEADER_SIZE + (size_t)(arg_len ? arg_len : 4) + 1, &got, &flags);
@@ -550,14 +739,14 @@ static int luod_ioctl(int fd, unsigned int cmd, void *arg)
 		goto out;
 	}
 	if (cmd == CMD_CREATE_SESSION || cmd == CMD_RETRIEVE_SESSION)
-		remember(got, 1);
+		remember(got, 1, 1);
 	got = -1; /* the caller's now */
 	err = 0;
 out:
 	if (spare >= 0)
-		close(spare);
+		raw_close(spare);
 	if (got >= 0)
-		close(got);
+		raw_close(got);
 	free(request);
 	free(reply);
 	if (err)
@@ -590,4 +779,22 @@ int ioctl(int fd, unsigned long cmd, ...)
 	if (!real)
 		real = (ioctl_fn)next("ioctl");
 	return real(fd, cmd, arg);
+}
+
+/* Closing a shared luod fd closes this process's channel to it too. */
+int close(int fd)
+{
+	static int (*real)(int);
+	pthread_mutex_t *lock;
+
+	if (fd >= 0 && fd < CACHE_FDS && __atomic_load_n(&channels[fd].fd_plus_1, __ATOMIC_RELAXED)) {
+		lock = stripe(fd);
+		pthread_mutex_lock(lock);
+		if (channels[fd].fd_plus_1)
+			drop_channel(fd);
+		pthread_mutex_unlock(lock);
+	}
+	if (!real)
+		real = (int (*)(int))next("close");
+	return real(fd);
 }
