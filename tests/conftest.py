@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import liveupdate
-from luodtest import REPO, SHARED, TEST_DEVICE_ENV, Luod, kernel_device
+from luodtest import REPO, SHARED, TEST_DEVICE_ENV, Luod, kernel_device, linux_exact_luod
 
 __all__ = ["REPO", "SHARED", "TEST_DEVICE_ENV", "Luod", "kernel_device"]
 
@@ -27,9 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if kernel_device() is None:
+    if kernel_device() is None and not linux_exact_luod():
         return
-    skip = pytest.mark.skip(reason="luod-only scenario; running against a kernel")
+    where = "a kernel" if kernel_device() is not None else "luod --compat=linux"
+    skip = pytest.mark.skip(reason=f"luod-only scenario; running against {where}")
     for item in items:
         if "luod_only" in item.keywords:
             item.add_marker(skip)
@@ -71,11 +72,14 @@ def device_path(request: pytest.FixtureRequest) -> str:
     """The device the library-level conformance tests use.
 
     A real kernel's device when ``LIVEUPDATE_TEST_DEVICE`` is set, else the
-    socket of a fresh luod started for the test.
+    socket of a fresh luod started for the test (``luod --compat=linux`` when
+    ``LIVEUPDATE_TEST_COMPAT=linux``).
     """
     path = kernel_device()
     if path is not None:
         return path
+    if linux_exact_luod():
+        return str(request.getfixturevalue("luod_factory")("--compat", "linux").socket)
     daemon: Luod = request.getfixturevalue("luod")
     return daemon.socket
 

@@ -46,6 +46,16 @@ def kernel_device() -> str | None:
     return os.environ.get(TEST_DEVICE_ENV) or None
 
 
+#: ``linux``: the library-level conformance tests run against ``luod
+#: --compat=linux`` and expect Linux's answers, as against a kernel.
+TEST_COMPAT_ENV = "LIVEUPDATE_TEST_COMPAT"
+
+
+def linux_exact_luod() -> bool:
+    """Whether the suite runs against luod in Linux-exact mode (``TEST_COMPAT_ENV``)."""
+    return os.environ.get(TEST_COMPAT_ENV) == "linux"
+
+
 @dataclass
 class Luod:
     """A running luod child process."""

@@ -51,7 +51,9 @@ __all__ = [
     "FieldDoc",
     "StructDoc",
     "check_ioctl",
+    "check_message",
     "collect",
+    "collect_messages",
     "ctype_name",
     "parse_struct_doc",
     "setup",
@@ -68,9 +70,21 @@ CHAPTER_SOURCE = """\
 
 ```{luo-uapi}
 ```
+
+## Participant fd messages
+
+The messages read and written on the fd that
+`LUOD_IOCTL_REGISTER_PARTICIPANT` returns (plain `read()` and `write()`, one
+message each, no ioctl number): see the participants concept page.
+
+```{luo-uapi-messages}
+```
 """
 
-_HEADER_RE = re.compile(r"^struct (?P<struct>\w+) - ioctl\((?P<ioctl>\w+)\)$")
+_HEADER_RE = re.compile(
+    r"^struct (?P<struct>\w+) - "
+    r"(?:ioctl\((?P<ioctl>\w+)\)|message\((?P<message>\w+ to \w+)\))$"
+)
 _FIELD_RE = re.compile(r"^@(?P<name>\w+):(?P<rest>.*)$")
 _FIELD_BODY_RE = re.compile(r"^\s*(?P<direction>Input|Output);\s*(?P<text>\S.*)$")
 _RETURN = "Return:"
@@ -109,6 +123,8 @@ class StructDoc:
     fields: tuple[FieldDoc, ...]
     prose: tuple[str, ...]
     returns: str
+    #: ``"luod to participant"``... for a message (then ``ioctl_name`` is empty).
+    message: str = ""
 
     def field(self, name: str) -> FieldDoc:
         for f in self.fields:
@@ -150,7 +166,10 @@ def parse_struct_doc(doc: str | None, where: str) -> StructDoc:
     if header is None:
         raise _fail(
             where,
-            [f"the first line must be 'struct NAME - ioctl(IOCTL_NAME)', not {lines[0]!r}"],
+            [
+                "the first line must be 'struct NAME - ioctl(IOCTL_NAME)' (or "
+                f"'struct NAME - message(SENDER to RECEIVER)'), not {lines[0]!r}"
+            ],
         )
     i = 1
     if i < len(lines) and lines[i].strip():
@@ -202,23 +221,19 @@ def parse_struct_doc(doc: str | None, where: str) -> StructDoc:
         raise _fail(where, problems)
     return StructDoc(
         header.group("struct"),
-        header.group("ioctl"),
+        header.group("ioctl") or "",
         tuple(fields),
         prose,
         paras[-1][len(_RETURN) :].strip(),
+        header.group("message") or "",
     )
 
 
-def check_ioctl(info: uapi.IoctlInfo) -> StructDoc:
-    """Parse the doc of ``info.struct`` and check it against the ABI facts."""
-    struct = info.struct
-    where = f"{struct.__module__}.{struct.__qualname__}"
-    doc = parse_struct_doc(struct.__doc__, where)
+def _field_problems(struct: type[ctypes.Structure], doc: StructDoc) -> list[str]:
+    """What is wrong with the field lines of ``doc`` for ``struct``."""
     problems: list[str] = []
     if doc.struct_name != struct.__name__:
         problems.append(f"the first line names struct {doc.struct_name}, not {struct.__name__}")
-    if doc.ioctl_name != info.name:
-        problems.append(f"the first line names ioctl({doc.ioctl_name}), not ioctl({info.name})")
     actual = [f[0] for f in struct._fields_]
     documented = [f.name for f in doc.fields]
     for name in actual:
@@ -234,6 +249,19 @@ def check_ioctl(info: uapi.IoctlInfo) -> StructDoc:
         seen.add(name)
     if not problems and documented != actual:
         problems.append(f"fields must be documented in struct order: {', '.join(actual)}")
+    return problems
+
+
+def check_ioctl(info: uapi.IoctlInfo) -> StructDoc:
+    """Parse the doc of ``info.struct`` and check it against the ABI facts."""
+    struct = info.struct
+    where = f"{struct.__module__}.{struct.__qualname__}"
+    doc = parse_struct_doc(struct.__doc__, where)
+    problems: list[str] = []
+    if doc.ioctl_name != info.name:
+        problems.append(f"the first line names ioctl({doc.ioctl_name}), not ioctl({info.name})")
+    problems += _field_problems(struct, doc)
+    seen = {f.name for f in doc.fields}
     if "size" in seen and doc.field("size").direction != "Input":
         problems.append("@size must be Input")
     if info.fd_in and "fd" in seen and doc.field("fd").direction != "Input":
@@ -243,6 +271,35 @@ def check_ioctl(info: uapi.IoctlInfo) -> StructDoc:
     if problems:
         raise _fail(where, problems)
     return doc
+
+
+def check_message(info: uapi.MessageInfo) -> StructDoc:
+    """Parse the doc of a participant fd message's struct and check it."""
+    struct = info.struct
+    where = f"{struct.__module__}.{struct.__qualname__}"
+    doc = parse_struct_doc(struct.__doc__, where)
+    problems = _field_problems(struct, doc)
+    if not doc.message:
+        problems.append("a message's first line is 'struct NAME - message(SENDER to RECEIVER)'")
+    elif not doc.message.startswith(f"{info.sender} to "):
+        problems.append(f"the first line says message({doc.message}), but {info.sender} sends it")
+    if problems:
+        raise _fail(where, problems)
+    return doc
+
+
+def collect_messages() -> list[tuple[uapi.MessageInfo, StructDoc]]:
+    """Check the docs of every message of :data:`liveupdate.uapi.PARTICIPANT_MESSAGES`."""
+    result: list[tuple[uapi.MessageInfo, StructDoc]] = []
+    errors: list[str] = []
+    for info in uapi.PARTICIPANT_MESSAGES:
+        try:
+            result.append((info, check_message(info)))
+        except ExtensionError as exc:
+            errors.append(exc.message)
+    if errors:
+        raise ExtensionError("\n".join(errors))
+    return result
 
 
 def collect(
@@ -298,7 +355,7 @@ class FieldRow:
     optional: bool
 
 
-def field_rows(info: uapi.IoctlInfo, doc: StructDoc) -> list[FieldRow]:
+def field_rows(info: uapi.IoctlInfo | uapi.MessageInfo, doc: StructDoc) -> list[FieldRow]:
     rows = []
     for name, ctype, *_ in info.struct._fields_:
         descr = getattr(info.struct, name)
@@ -458,6 +515,14 @@ def render_ioctl(info: uapi.IoctlInfo, doc: StructDoc) -> nodes.section:
             ("File descriptors", _fd_text(info)),
         ]
     )
+    section += _field_table(info, doc)
+    for paragraph in doc.prose:
+        section += _prose(paragraph)
+    section += _para(nodes.strong(text="Return:"), " ", inline(doc.returns))
+    return section
+
+
+def _field_table(info: uapi.IoctlInfo | uapi.MessageInfo, doc: StructDoc) -> nodes.table:
     rows = []
     for r in field_rows(info, doc):
         text: list[nodes.Node] = []
@@ -465,9 +530,33 @@ def render_ioctl(info: uapi.IoctlInfo, doc: StructDoc) -> nodes.section:
             text += [nodes.emphasis(text="Optional (past the minimum size)."), nodes.Text(" ")]
         text.extend(inline(r.text))
         rows.append([nodes.Text(str(r.offset)), _code(r.type), _code(r.name), r.direction, text])
-    section += _table(
+    return _table(
         ["Offset", "Type", "Field", "Direction", "Description"], rows, [8, 10, 14, 12, 56]
     )
+
+
+def render_message(info: uapi.MessageInfo, doc: StructDoc) -> nodes.section:
+    """One participant fd message: who sends it, its size, its fields, its prose."""
+    name = f"struct {info.struct.__name__}"
+    section = nodes.section(
+        ids=[nodes.make_id(info.struct.__name__)], names=[nodes.fully_normalize_name(name)]
+    )
+    section += nodes.title(text=name)
+    size = ctypes.sizeof(info.struct)
+    section += _fields(
+        [
+            ("Message", doc.message),
+            (
+                "Size",
+                [
+                    nodes.Text(f"{size} bytes, minimum {info.min_size} (the end of "),
+                    _code(info.last_field),
+                    nodes.Text(")"),
+                ],
+            ),
+        ]
+    )
+    section += _field_table(info, doc)
     for paragraph in doc.prose:
         section += _prose(paragraph)
     section += _para(nodes.strong(text="Return:"), " ", inline(doc.returns))
@@ -524,6 +613,20 @@ def render_chapter(ioctls: Sequence[tuple[uapi.IoctlInfo, StructDoc]]) -> list[n
     return [*intro, summary, *(render_ioctl(info, doc) for info, doc in ioctls)]
 
 
+class UapiMessagesDirective(SphinxDirective):
+    """``luo-uapi-messages``: the messages of the participant fd."""
+
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        self.env.note_dependency(str(Path(inspect.getfile(uapi)).resolve()))
+        result: list[nodes.Node] = [render_message(i, d) for i, d in collect_messages()]
+        for node in result:
+            if isinstance(node, nodes.section):
+                self.state.document.note_explicit_target(node, node)
+        return result
+
+
 class UapiDirective(SphinxDirective):
     """``luo-uapi``: the generated reference of every ioctl in ``liveupdate.uapi.IOCTLS``."""
 
@@ -541,6 +644,7 @@ class UapiDirective(SphinxDirective):
 def _write_chapter(app: Sphinx) -> None:
     # Check first: a malformed struct doc fails the build before anything is written.
     collect()
+    collect_messages()
     path = Path(app.srcdir) / f"{CHAPTER_DOCNAME}.md"
     if not path.exists() or path.read_text(encoding="utf-8") != CHAPTER_SOURCE:
         path.write_text(CHAPTER_SOURCE, encoding="utf-8")
@@ -548,5 +652,6 @@ def _write_chapter(app: Sphinx) -> None:
 
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("luo-uapi", UapiDirective)
+    app.add_directive("luo-uapi-messages", UapiMessagesDirective)
     app.connect("builder-inited", _write_chapter)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -33,6 +33,11 @@ _EXPORTS = {
     "SessionInfo": "liveupdate.client.listing",
     "SessionListing": "liveupdate.client.listing",
     "InheritedSession": "liveupdate.client.service",
+    "Participant": "liveupdate.client.participant",
+    "ParticipantClosedError": "liveupdate.client.participant",
+    "ParticipantEvent": "liveupdate.client.participant",
+    "ParticipantInfo": "liveupdate.client.listing",
+    "register_participant": "liveupdate.client.participant",
     "inherited_session": "liveupdate.client.service",
     **{
         name: "liveupdate.client.errors"
@@ -68,6 +73,10 @@ __all__ = [
     "NotSupportedError",
     "OrchestratorIOError",
     "OutOfResourcesError",
+    "Participant",
+    "ParticipantClosedError",
+    "ParticipantEvent",
+    "ParticipantInfo",
     "PermissionDeniedError",
     "ServiceInfo",
     "Session",
@@ -78,6 +87,7 @@ __all__ = [
     "StructTooBigError",
     "inherited_session",
     "open_device",
+    "register_participant",
 ]
 
 assert sorted(_EXPORTS) == __all__, "every export is listed once"
@@ -120,5 +130,17 @@ if TYPE_CHECKING:
         StructTooBigError,
     )
     from liveupdate.client.errors import RestoreFailedError as RestoreFailedError
-    from liveupdate.client.listing import FileInfo, ServiceInfo, SessionInfo, SessionListing
+    from liveupdate.client.listing import (
+        FileInfo,
+        ParticipantInfo,
+        ServiceInfo,
+        SessionInfo,
+        SessionListing,
+    )
+    from liveupdate.client.participant import (
+        Participant,
+        ParticipantClosedError,
+        ParticipantEvent,
+        register_participant,
+    )
     from liveupdate.client.service import InheritedSession, inherited_session

@@ -11,7 +11,8 @@ raise :class:`OSError` carrying the errno of the contract.
 The order of the checks is fixed by ``uapi.md`` ("Dispatch order") and must
 not change: ENOTTY, EFAULT, direction EINVAL, minimum-size EINVAL, E2BIG,
 handler on a zero-filled copy, ``min(size, sizeof)`` bytes back, nothing
-back on failure.
+back on failure. A Linux-exact table (``luod --compat=linux``) answers an
+unknown number in Linux's order instead (:meth:`DispatchTable.unknown`).
 """
 
 from __future__ import annotations
@@ -80,9 +81,19 @@ class _Entry(NamedTuple, Generic[Ctx]):
 
 
 class DispatchTable(Generic[Ctx]):
-    """The ioctl table of one kind of fd, indexed by nr like fwctl's."""
+    """The ioctl table of one kind of fd, indexed by nr like fwctl's.
 
-    def __init__(self, kind: uapi.FdKind, ops: Iterable[IoctlOp[Ctx]]) -> None:
+    ``linux_exact`` answers a number the table lacks as Linux 7.3 does
+    rather than as the contract says (``luod --compat=linux``): ``EINVAL``
+    for an nr outside the table's range, whatever its type, direction and
+    size bits, without reading the argument; else, once the ``size`` could
+    be read (``EFAULT``), ``ENOTTY``. Linux indexes an array by nr and
+    compares the full number only after reading the size.
+    """
+
+    def __init__(
+        self, kind: uapi.FdKind, ops: Iterable[IoctlOp[Ctx]], *, linux_exact: bool = False
+    ) -> None:
         self.kind = kind
         self._ops: dict[int, IoctlOp[Ctx]] = {}
         for op in ops:
@@ -100,6 +111,12 @@ class DispatchTable(Generic[Ctx]):
             )
             for op in self._ops.values()
         }
+        #: The nr range Linux's array covers, in Linux-exact mode only.
+        self.linux_range: tuple[int, int] | None = None
+        if linux_exact:
+            if not self._ops:
+                raise ValueError("a Linux-exact table needs at least one entry")
+            self.linux_range = (min(self._ops), max(self._ops))
 
     @property
     def ops(self) -> Mapping[int, IoctlOp[Ctx]]:
@@ -110,6 +127,15 @@ class DispatchTable(Generic[Ctx]):
         """The entry for ``cmd``, or ``None`` when the fd does not support it."""
         entry = self._entries.get(cmd)
         return None if entry is None else entry.op
+
+    def unknown(self, cmd: int, arg: bytes | bytearray | memoryview) -> Reply:
+        """The answer to ``cmd`` when the table has no entry for it."""
+        if self.linux_range is None:
+            return _ENOTTY
+        low, high = self.linux_range
+        if not low <= uapi._IOC_NR(cmd) <= high:
+            return _EINVAL
+        return _EFAULT if len(arg) < _SIZE.size else _ENOTTY
 
 
 def dispatch(
@@ -128,7 +154,7 @@ def dispatch(
     """
     entry = table._entries.get(cmd)
     if entry is None:
-        return _ENOTTY
+        return table.unknown(cmd, arg)
     _op, handler, struct_type, valid_on, least, known = entry
     if len(arg) < _SIZE.size:
         return _EFAULT

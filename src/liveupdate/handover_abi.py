@@ -24,6 +24,7 @@ project code. Version 1 of the schema::
         cold-started = <hi lo>;            // u64 ns, optional: the line's cold start
         reboot-started = <hi lo>;          // u64 ns, optional: REBOOT began
         frozen = <hi lo>;                  // u64 ns, optional: the freeze began
+        participant-count = <M>;           // u32, optional (absent: 0)
         session-0 {                        // SESSION_NODE_PREFIX + index
             session-name = "db";           // name bytes + NUL
             owner = <uid gid pid>;         // OWNER_LAYOUT
@@ -37,12 +38,24 @@ project code. Version 1 of the schema::
             file-data = [...];             // the n data blobs, concatenated
         };
         ...
+        participant-0 {                    // PARTICIPANT_NODE_PREFIX + index, after sessions
+            participant-name = "vmm";      // name bytes + NUL
+            owner = <uid gid pid>;         // OWNER_LAYOUT
+            participant-data = [...];      // 0 to 256 bytes (LUOD_PARTICIPANT_DATA_MAX)
+        };
+        ...
     };
 
 Every multi-byte value is big-endian, as everywhere in an FDT. Files are
 packed into per-session arrays rather than one node per file: a node per
 file multiplies the node count by the file count for no gain in what a tool
 can show (see ``docs/concepts/handover.md`` for the measurements).
+
+Participants (``LUOD_IOCTL_REGISTER_PARTICIPANT``) were added to version 1
+without a version bump: an image without participants is byte for byte what
+it was, and a reader older than them refuses an image with participant
+nodes as corrupt (an unexpected child node), which the pre-flight turns into
+a failed PREPARE or REBOOT: nothing is misread, nothing is lost.
 
 Versioning rule: a change that a reader of the previous version could
 misread bumps :data:`IMAGE_VERSION` and the compatible string together; an
@@ -64,9 +77,11 @@ __all__ = [
     "IMAGE_COMPATIBLE",
     "IMAGE_FLAG_AWAITING_SUCCESSOR",
     "IMAGE_VERSION",
+    "MAX_PARTICIPANT_DATA",
     "MAX_SESSION_NAME_LENGTH",
     "NS_PER_S",
     "OWNER_LAYOUT",
+    "PARTICIPANT_NODE_PREFIX",
     "PROP_COLD_STARTED",
     "PROP_COMPATIBLE",
     "PROP_CREATED",
@@ -81,6 +96,9 @@ __all__ = [
     "PROP_HANDLERS",
     "PROP_LIVEUPDATE_NUMBER",
     "PROP_OWNER",
+    "PROP_PARTICIPANT_COUNT",
+    "PROP_PARTICIPANT_DATA",
+    "PROP_PARTICIPANT_NAME",
     "PROP_REBOOT_STARTED",
     "PROP_SESSION_COUNT",
     "PROP_SESSION_NAME",
@@ -95,6 +113,7 @@ __all__ = [
     "FileRecord",
     "HandoverError",
     "HandoverImage",
+    "ParticipantRecord",
     "SessionRecord",
     "UnknownVersionError",
 ]
@@ -257,6 +276,28 @@ PROP_FILE_DATA: Final = "file-data"
 Its length must equal the sum of :data:`PROP_FILE_DATA_SIZES`.
 """
 
+PROP_PARTICIPANT_COUNT: Final = "participant-count"
+"""Root, u32, optional (absent: 0): the number of participant nodes after the
+session nodes. Written only when there are participants, so that an image
+without any is the one older readers know."""
+
+PARTICIPANT_NODE_PREFIX: Final = "participant-"
+"""Participant nodes are named this prefix plus 0, 1, ..., after every session
+node, in the participants' registration order (the order they were frozen)."""
+
+PROP_PARTICIPANT_NAME: Final = "participant-name"
+"""Participant, name bytes + NUL: 1 to :data:`MAX_SESSION_NAME_LENGTH` bytes, no NUL inside."""
+
+PROP_PARTICIPANT_DATA: Final = "participant-data"
+"""Participant, bytes: the data its answers set (0 to :data:`MAX_PARTICIPANT_DATA` bytes).
+
+A participant node also has :data:`PROP_OWNER`: the next generation gives the
+data back to a participant of the same uid (or root) only.
+"""
+
+MAX_PARTICIPANT_DATA: Final = 256
+"""Largest ``participant-data``: ``LUOD_PARTICIPANT_DATA_MAX`` of the UAPI."""
+
 # --------------------------------------------------------------------------
 # Value layouts
 # --------------------------------------------------------------------------
@@ -368,6 +409,25 @@ class SessionRecord:
 
 
 @dataclass
+class ParticipantRecord:
+    """One participant at the freeze, and the data it carries to the next generation.
+
+    Attributes:
+        name: The participant's name, 1 to 63 bytes without NUL.
+        uid: User id of the process that registered it (owner checks).
+        gid: Its group id.
+        pid: Its process id, for diagnostics.
+        data: What its answers set, 0 to :data:`MAX_PARTICIPANT_DATA` bytes.
+    """
+
+    name: bytes
+    uid: int
+    gid: int
+    pid: int
+    data: bytes = b""
+
+
+@dataclass
 class HandoverImage:
     """Everything one generation hands to the next, besides the fds.
 
@@ -385,6 +445,7 @@ class HandoverImage:
         frozen_ns: :data:`PROP_FROZEN` (0: unknown). This field and the one
             above are left out of comparisons: two images that hand over the
             same sessions are equal whenever their reboot began.
+        participants: The participants frozen, in registration order.
     """
 
     liveupdate_number: int
@@ -394,6 +455,7 @@ class HandoverImage:
     cold_started_ns: int = 0
     reboot_started_ns: int = field(default=0, compare=False)
     frozen_ns: int = field(default=0, compare=False)
+    participants: list[ParticipantRecord] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------

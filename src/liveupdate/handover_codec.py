@@ -31,6 +31,7 @@ from liveupdate.handover_abi import (
     CorruptImageError,
     FileRecord,
     HandoverImage,
+    ParticipantRecord,
     SessionRecord,
     UnknownVersionError,
 )
@@ -140,6 +141,26 @@ def _session_problem(session: SessionRecord, where: str, fds: dict[int, str]) ->
     return None
 
 
+def _participant_problem(participant: ParticipantRecord, where: str) -> str | None:
+    """Return the first rule ``participant`` breaks, or None if it is valid."""
+    name = participant.name
+    if not isinstance(name, bytes | bytearray):
+        return f"{where}: name must be bytes, not {type(name).__name__}"
+    if not 1 <= len(name) <= abi.MAX_SESSION_NAME_LENGTH or 0 in name:
+        return (
+            f"{where}: name {_name_repr(name)} must be 1 to "
+            f"{abi.MAX_SESSION_NAME_LENGTH} bytes without NUL"
+        )
+    for attr in ("uid", "gid", "pid"):
+        value = getattr(participant, attr)
+        if not isinstance(value, int) or not 0 <= value <= _U32_MAX:
+            return f"{where}: {attr} {value!r} is not a u32"
+    data = participant.data
+    if not isinstance(data, bytes | bytearray) or len(data) > abi.MAX_PARTICIPANT_DATA:
+        return f"{where}: data must be at most {abi.MAX_PARTICIPANT_DATA} bytes"
+    return None
+
+
 def _image_problem(image: HandoverImage) -> str | None:
     """Return the first rule ``image`` breaks, or None if it is valid.
 
@@ -170,6 +191,15 @@ def _image_problem(image: HandoverImage) -> str | None:
         if name in names:
             return f"{where}: name {_name_repr(name)} is already used by session {names[name]}"
         names[name] = index
+    participants: set[bytes] = set()
+    for index, participant in enumerate(image.participants):
+        where = f"participant {index}"
+        problem = _participant_problem(participant, where)
+        if problem is not None:
+            return problem
+        if bytes(participant.name) in participants:
+            return f"{where}: name {_name_repr(participant.name)} is used twice"
+        participants.add(bytes(participant.name))
     return None
 
 
@@ -185,6 +215,9 @@ def _cstr(value: bytes) -> bytes:
 
 def _root_properties(image: HandoverImage, handlers: dict[str, int]) -> Properties:
     """The root node's properties, values packed as the schema says."""
+    # Only with participants: an image without any stays readable by older readers.
+    count = len(image.participants)
+    participants = [(abi.PROP_PARTICIPANT_COUNT, abi.U32_LAYOUT.pack(count))] if count else []
     return [
         (abi.PROP_COMPATIBLE, _cstr(abi.IMAGE_COMPATIBLE.encode())),
         (abi.PROP_VERSION, abi.U32_LAYOUT.pack(abi.IMAGE_VERSION)),
@@ -197,6 +230,17 @@ def _root_properties(image: HandoverImage, handlers: dict[str, int]) -> Properti
         (abi.PROP_COLD_STARTED, abi.U64_LAYOUT.pack(image.cold_started_ns)),
         (abi.PROP_REBOOT_STARTED, abi.U64_LAYOUT.pack(image.reboot_started_ns)),
         (abi.PROP_FROZEN, abi.U64_LAYOUT.pack(image.frozen_ns)),
+        *participants,
+    ]
+
+
+def _participant_properties(participant: ParticipantRecord) -> Properties:
+    """One participant node's properties."""
+    owner = abi.OWNER_LAYOUT.pack(participant.uid, participant.gid, participant.pid)
+    return [
+        (abi.PROP_PARTICIPANT_NAME, _cstr(bytes(participant.name))),
+        (abi.PROP_OWNER, owner),
+        (abi.PROP_PARTICIPANT_DATA, bytes(participant.data)),
     ]
 
 
@@ -252,6 +296,10 @@ def encode_image(image: HandoverImage) -> bytes:
     nodes = [
         (f"{abi.SESSION_NODE_PREFIX}{index}", _session_properties(session, handlers))
         for index, session in enumerate(image.sessions)
+    ]
+    nodes += [
+        (f"{abi.PARTICIPANT_NODE_PREFIX}{index}", _participant_properties(participant))
+        for index, participant in enumerate(image.participants)
     ]
     return flattree.write_tree(_root_properties(image, handlers), nodes)
 
@@ -402,6 +450,18 @@ def _decode_session(node: FlatNode, handlers: list[str]) -> SessionRecord:
     )
 
 
+def _decode_participant(node: FlatNode) -> ParticipantRecord:
+    """Decode one ``participant-N`` node."""
+    if node.children:
+        raise _corrupt(f"{node.path}: unexpected child node {node.children[0][0]!r}")
+    raw_name = _raw(node, abi.PROP_PARTICIPANT_NAME)
+    if not raw_name or raw_name[-1] != 0:
+        raise _corrupt(f"{node.path}: {abi.PROP_PARTICIPANT_NAME} is not NUL-terminated")
+    uid, gid, pid = abi.OWNER_LAYOUT.unpack(_sized(node, abi.PROP_OWNER, abi.OWNER_LAYOUT.size))
+    data = bytes(_raw(node, abi.PROP_PARTICIPANT_DATA))
+    return ParticipantRecord(bytes(raw_name[:-1]), uid, gid, pid, data)
+
+
 def _decode_handlers(root: FlatNode) -> list[str]:
     """Read ``/handlers``: distinct, printable ASCII compatible strings."""
     handlers: list[str] = []
@@ -427,16 +487,30 @@ def _decode_v1(buffer: bytearray, root: FlatNode) -> HandoverImage:
     writer = writer_raw[:-1].decode("utf-8", errors="replace")
     handlers = _decode_handlers(root)
     count = _get_u32(root, abi.PROP_SESSION_COUNT)
-    if count != len(root.children):
-        raise _corrupt(
-            f"/: {abi.PROP_SESSION_COUNT} is {count} but {len(root.children)} nodes follow"
-        )
+    participant_count = (
+        _get_u32(root, abi.PROP_PARTICIPANT_COUNT)
+        if abi.PROP_PARTICIPANT_COUNT in root.props
+        else 0
+    )
+    if count + participant_count != len(root.children):
+        counts = f"{abi.PROP_SESSION_COUNT} is {count}"
+        if participant_count:
+            counts += f" and {abi.PROP_PARTICIPANT_COUNT} {participant_count}"
+        raise _corrupt(f"/: {counts} but {len(root.children)} nodes follow")
     sessions: list[SessionRecord] = []
+    participants: list[ParticipantRecord] = []
     for index, (name, offset) in enumerate(root.children):
-        expected = f"{abi.SESSION_NODE_PREFIX}{index}"
+        if index < count:
+            expected = f"{abi.SESSION_NODE_PREFIX}{index}"
+        else:
+            expected = f"{abi.PARTICIPANT_NODE_PREFIX}{index - count}"
         if name != expected:
             raise _corrupt(f"/: child node {index} is {name!r}, expected {expected!r}")
-        sessions.append(_decode_session(flattree.read_node(buffer, offset, f"/{name}"), handlers))
+        node = flattree.read_node(buffer, offset, f"/{name}")
+        if index < count:
+            sessions.append(_decode_session(node, handlers))
+        else:
+            participants.append(_decode_participant(node))
     image = HandoverImage(
         liveupdate_number=number,
         sessions=sessions,
@@ -445,6 +519,7 @@ def _decode_v1(buffer: bytearray, root: FlatNode) -> HandoverImage:
         cold_started_ns=_get_optional_u64(root, abi.PROP_COLD_STARTED),
         reboot_started_ns=_get_optional_u64(root, abi.PROP_REBOOT_STARTED),
         frozen_ns=_get_optional_u64(root, abi.PROP_FROZEN),
+        participants=participants,
     )
     problem = _image_problem(image)
     if problem is not None:
@@ -586,7 +661,7 @@ def image_to_dict(image: HandoverImage) -> dict[str, Any]:
     and a consumer could not tell them apart. Handler data is always hex (it
     is opaque), with its size alongside so a reader need not count digits.
     """
-    return {
+    doc: dict[str, Any] = {
         "compatible": f"{abi.COMPATIBLE_PREFIX}{image.version}",
         "version": image.version,
         "liveupdate_number": image.liveupdate_number,
@@ -595,4 +670,21 @@ def image_to_dict(image: HandoverImage) -> dict[str, Any]:
         "reboot_started_ns": image.reboot_started_ns,
         "frozen_ns": image.frozen_ns,
         "sessions": [_session_to_dict(session) for session in image.sessions],
+    }
+    if image.participants:  # absent when none, as in the image itself
+        doc["participants"] = [_participant_to_dict(p) for p in image.participants]
+    return doc
+
+
+def _participant_to_dict(participant: ParticipantRecord) -> dict[str, Any]:
+    """One participant of :func:`image_to_dict`."""
+    name, encoding = _name_to_json(bytes(participant.name))
+    return {
+        "name": name,
+        "name_encoding": encoding,
+        "uid": participant.uid,
+        "gid": participant.gid,
+        "pid": participant.pid,
+        "size": len(participant.data),
+        "data": bytes(participant.data).hex(),
     }

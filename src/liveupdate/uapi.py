@@ -49,9 +49,14 @@ __all__ = [
     "LUOD_ERROR_LENGTH",
     "LUOD_IOCTL_GET_STATE",
     "LUOD_IOCTL_LIST_SESSIONS",
+    "LUOD_IOCTL_REGISTER_PARTICIPANT",
     "LUOD_IOCTL_SET_EVENT",
     "LUOD_LIST_FILES",
     "LUOD_LIST_FLAGS",
+    "LUOD_PARTICIPANT_ANSWER_DATA",
+    "LUOD_PARTICIPANT_ANSWER_FLAGS",
+    "LUOD_PARTICIPANT_DATA_MAX",
+    "LUOD_PARTICIPANT_TIMEOUT_MS",
     "LUOD_REBOOT_NO_EXEC",
     "LUOD_SERVICE_PID_MAX",
     "LUOD_SESSION_FLAGS",
@@ -63,6 +68,7 @@ __all__ = [
     "LUOD_SESSION_UPDATE",
     "LUOD_SET_EVENT_FLAGS",
     "LUOD_STATE_LOST_INCOMPLETE",
+    "PARTICIPANT_MESSAGES",
     "_IO",
     "_IOC_DIR_SIZE",
     "_IOC_NR",
@@ -74,8 +80,10 @@ __all__ = [
     "LuodCmd",
     "LuodCopies",
     "LuodEvent",
+    "LuodParticipantEvent",
     "LuodSessionCmd",
     "LuodState",
+    "MessageInfo",
     "SessionDirection",
     "liveupdate_ioctl_create_session",
     "liveupdate_ioctl_retrieve_session",
@@ -85,6 +93,9 @@ __all__ = [
     "liveupdate_session_retrieve_fd",
     "luod_get_state",
     "luod_list_sessions",
+    "luod_participant_answer",
+    "luod_participant_event",
+    "luod_register_participant",
     "luod_session_set_flags",
     "luod_session_set_service",
     "luod_session_sync",
@@ -172,6 +183,7 @@ class LuodCmd(enum.IntEnum):
     GET_STATE = LUOD_CMD_BASE
     SET_EVENT = enum.auto()
     LIST_SESSIONS = enum.auto()
+    REGISTER_PARTICIPANT = enum.auto()
 
 
 class LuodSessionCmd(enum.IntEnum):
@@ -195,6 +207,7 @@ LIVEUPDATE_SESSION_GET_NAME: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LiveupdateSessio
 LUOD_IOCTL_GET_STATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.GET_STATE)
 LUOD_IOCTL_SET_EVENT: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.SET_EVENT)
 LUOD_IOCTL_LIST_SESSIONS: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.LIST_SESSIONS)
+LUOD_IOCTL_REGISTER_PARTICIPANT: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodCmd.REGISTER_PARTICIPANT)
 LUOD_SESSION_UPDATE: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UPDATE)
 LUOD_SESSION_SET_FLAGS: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.SET_FLAGS)
 LUOD_SESSION_UNPRESERVE_FD: Final = _IO(LIVEUPDATE_IOCTL_TYPE, LuodSessionCmd.UNPRESERVE_FD)
@@ -476,17 +489,22 @@ class luod_set_event(ctypes.Structure):
     @reserved: Input; must be 0.
     @generation: Output; the generation that handled the event (a REBOOT's next one is this + 1).
 
-    Drives the v2 state machine. PREPARE runs the pre-flight (the installed
-    luod, in a check mode, must read this generation's handover image) and
-    moves NORMAL to PREPARED; CANCEL moves PREPARED back; REBOOT freezes every
-    outgoing session (rolling back on failure) and starts the next
-    generation once this reply is sent, closing every device and session fd
-    of this one; FINISH finishes every incoming session.
+    Drives the v2 state machine. PREPARE asks every participant to PREPARE,
+    runs the pre-flight (the installed luod, in a check mode, must read this
+    generation's handover image) and moves NORMAL to PREPARED; CANCEL moves
+    PREPARED back (participants get CANCEL); REBOOT freezes the participants
+    (LUOD_IOCTL_REGISTER_PARTICIPANT), then every outgoing session (rolling
+    back on failure), and starts the next generation once this reply is
+    sent, closing every device, session and participant fd of this one;
+    FINISH finishes every incoming session and the participants' data.
 
     Return: 0; EOPNOTSUPP for an unknown @event or flag, EINVAL when @reserved
     is not 0 or the event does not fit the state, EIO when the pre-flight
     failed (the reason is in luod_get_state.last_error), EBUSY when a file
-    refuses to finish, or the errno of the file whose freeze failed.
+    refuses to finish, or the errno of the file whose freeze failed. At
+    PREPARE and REBOOT: the errno a participant refused with, ETIMEDOUT when
+    one missed its deadline, ECONNRESET when one closed its fd, EPROTO for a
+    malformed answer (the participant is named in luod_get_state.last_error).
     """
 
     _fields_ = [
@@ -535,6 +553,142 @@ class luod_list_sessions(ctypes.Structure):
         ("hidden", ctypes.c_uint32),
         ("reserved", ctypes.c_uint32),
         ("name", _NameField),
+    ]
+
+
+# -- participants ---------------------------------------------------------------
+
+#: Largest blob of its own data a participant carries across a live update
+#: (``luod_register_participant.data``, ``luod_participant_answer.data``).
+LUOD_PARTICIPANT_DATA_MAX: Final = 256
+#: Default deadline of a PREPARE, FREEZE, CANCEL or FINISH event, in
+#: milliseconds (``luod --participant-timeout-ms``).
+LUOD_PARTICIPANT_TIMEOUT_MS: Final = 5000
+#: ``luod_participant_answer.flags``: the answer's @data replaces the data the
+#: participant carries to the next generation (PREPARE and FREEZE only).
+LUOD_PARTICIPANT_ANSWER_DATA: Final = 1 << 0
+#: Every answer flag this implementation knows.
+LUOD_PARTICIPANT_ANSWER_FLAGS: Final = LUOD_PARTICIPANT_ANSWER_DATA
+
+_ParticipantData = ctypes.c_uint8 * LUOD_PARTICIPANT_DATA_MAX
+
+
+class LuodParticipantEvent(enum.IntEnum):
+    """``luod_participant_event.event``: the phase a participant is asked to take part in."""
+
+    #: A live update is being prepared: get ready; refusing aborts it.
+    PREPARE = 1
+    #: The live update happens now: stop (pause vCPUs, stop writes); refusing aborts it.
+    FREEZE = 2
+    #: The live update was abandoned after this participant's PREPARE or FREEZE: resume.
+    CANCEL = 3
+    #: The live update this participant's data came through is over: drop what it kept for it.
+    FINISH = 4
+
+
+class luod_register_participant(ctypes.Structure):
+    """struct luod_register_participant - ioctl(LUOD_IOCTL_REGISTER_PARTICIPANT)
+
+    @size: Input; sizeof(struct luod_register_participant).
+    @fd: Output; the participant fd (close-on-exec): a SOCK_SEQPACKET socket on which
+     the events of every live update arrive. Its input value is ignored.
+    @flags: Input; must be 0.
+    @data_len: Output; bytes in @data: what this participant's name carried across the
+     live update that started this generation, 0 when nothing.
+    @name: Input; the participant's name: 1 to 63 bytes followed by a NUL.
+    @data: Output; the data itself (@data_len bytes, the rest zero).
+
+    Makes the caller a participant of every live update, the userspace
+    analog of the LUO v2 subsystems: as long as @fd stays open, luod sends
+    on it one struct luod_participant_event per phase (PREPARE, FREEZE,
+    CANCEL, FINISH) and waits, up to the event's deadline, for one struct
+    luod_participant_answer. Both are plain messages: read() and write() on
+    @fd, poll() for POLLIN, no library needed. A refusal, a missed deadline
+    or a closed @fd at PREPARE or FREEZE aborts the live update, naming the
+    participant in luod_get_state.last_error. Closing @fd unregisters.
+
+    A name registered again in the next generation gets back the data its
+    answers set (LUOD_PARTICIPANT_ANSWER_DATA), then FINISH at the global
+    FINISH, after which the data is gone. Only a privileged caller (root,
+    luod's user, its --admin-group) may register: a participant can veto
+    every live update of the machine.
+
+    Return: 0 and the participant fd in @fd; EINVAL for a malformed name,
+    EOPNOTSUPP for unknown @flags, EACCES for an unprivileged caller or a
+    name whose data belongs to another user, EEXIST when a participant of
+    this name is registered, ENOMEM when the participant limit is reached,
+    EBUSY while a live update is frozen.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+        ("data_len", ctypes.c_uint32),
+        ("name", _NameField),
+        ("data", _ParticipantData),
+    ]
+
+
+class luod_participant_event(ctypes.Structure):
+    """struct luod_participant_event - message(luod to participant)
+
+    @size: Output; sizeof(struct luod_participant_event) as luod knows it.
+    @event: Output; the phase (enum LuodParticipantEvent: PREPARE, FREEZE, CANCEL, FINISH).
+    @seq: Output; this event's number, to be copied into the answer.
+    @timeout_ms: Output; how long luod waits for the answer, in milliseconds, from the send.
+    @reserved: Output; 0.
+    @generation: Output; the generation that sends the event.
+
+    One message on a participant fd, written by luod. A reader must accept a
+    larger @size (later fields appended) and use the fields it knows.
+    Events of one participant never overlap: the next one is only sent once
+    this one is answered or its deadline passed.
+
+    Return: the participant answers with one struct luod_participant_answer
+    carrying the same @seq before @timeout_ms elapse.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("event", ctypes.c_uint32),
+        ("seq", ctypes.c_uint64),
+        ("timeout_ms", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("generation", ctypes.c_uint64),
+    ]
+
+
+class luod_participant_answer(ctypes.Structure):
+    """struct luod_participant_answer - message(participant to luod)
+
+    @size: Input; the length written: sizeof(struct luod_participant_answer), or up to the
+     end of @data_len when the answer carries no data.
+    @flags: Input; LUOD_PARTICIPANT_ANSWER_DATA to set the data carried to the next
+     generation (PREPARE and FREEZE only), else 0.
+    @seq: Input; the @seq of the event answered.
+    @error: Input; 0 to accept, or a positive errno to refuse (PREPARE, FREEZE) or to
+     report a failure (CANCEL, FINISH: logged, never returned).
+    @data_len: Input; bytes in @data, at most LUOD_PARTICIPANT_DATA_MAX.
+    @data: Input; with LUOD_PARTICIPANT_ANSWER_DATA, the data itself.
+
+    One message on a participant fd, written by the participant. An answer
+    whose @seq is not the event's is stale and skipped. Data set at PREPARE
+    may be replaced at FREEZE; without LUOD_PARTICIPANT_ANSWER_DATA the data
+    set before is kept.
+
+    Return: a malformed answer (@size not the message's length or short of
+    @data_len, non-zero bytes past the struct, unknown @flags, @data_len too
+    large, @error beyond 4095) is a refusal with EPROTO.
+    """
+
+    _fields_ = [
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("seq", ctypes.c_uint64),
+        ("error", ctypes.c_uint32),
+        ("data_len", ctypes.c_uint32),
+        ("data", _ParticipantData),
     ]
 
 
@@ -845,6 +999,16 @@ LIST_SESSIONS: Final = _register(
         fd_out=True,
     )
 )
+REGISTER_PARTICIPANT: Final = _register(
+    IoctlInfo(
+        "LUOD_IOCTL_REGISTER_PARTICIPANT",
+        LUOD_IOCTL_REGISTER_PARTICIPANT,
+        luod_register_participant,
+        "data",
+        FdKind.DEVICE,
+        fd_out=True,
+    )
+)
 SESSION_UPDATE: Final = _register(
     IoctlInfo(
         "LUOD_SESSION_UPDATE",
@@ -893,6 +1057,34 @@ SESSION_SET_SERVICE: Final = _register(
         FdKind.SESSION,
         SessionDirection.OUTGOING,
     )
+)
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """A message of the participant fd's protocol (not an ioctl: read() and write()).
+
+    Attributes:
+        name: The message's name in the documentation.
+        struct: Its ``ctypes`` structure, size first like an ioctl's.
+        last_field: The last mandatory field: shorter messages are malformed.
+        sender: ``"luod"`` or ``"participant"``.
+    """
+
+    name: str
+    struct: type[ctypes.Structure]
+    last_field: str
+    sender: str
+
+    @property
+    def min_size(self) -> int:
+        return min_size(self.struct, self.last_field)
+
+
+#: The two messages of a participant fd (``LUOD_IOCTL_REGISTER_PARTICIPANT``).
+PARTICIPANT_MESSAGES: Final = (
+    MessageInfo("participant event", luod_participant_event, "generation", "luod"),
+    MessageInfo("participant answer", luod_participant_answer, "data_len", "participant"),
 )
 
 

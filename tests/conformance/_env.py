@@ -27,15 +27,16 @@ from typing import Any
 import pytest
 
 from liveupdate import uapi, wire
-from luodtest import kernel_device
+from luodtest import kernel_device, linux_exact_luod
 from luodtest import read_all as read_all  # the conformance tests' import
 
 NAME_MAX = uapi.LIVEUPDATE_SESSION_NAME_LENGTH - 1  # 63 bytes, NUL excluded
 
 
 def on_kernel() -> bool:
-    """Whether the library-level tests run against a kernel rather than luod."""
-    return kernel_device() is not None
+    """Whether the library-level tests expect Linux's answers: they run against
+    a kernel, or against ``luod --compat=linux`` (``LIVEUPDATE_TEST_COMPAT``)."""
+    return kernel_device() is not None or linux_exact_luod()
 
 
 def luod_xfail(reason: str) -> pytest.MarkDecorator:

@@ -401,8 +401,16 @@ class Storm:
         self.replies[-ret] = self.replies.get(-ret, 0) + 1
         assert ret == 0 or -ret in CONTRACT, f"errno {-ret} is not in the contract: {where}"
         assert ret == 0 or not fds, f"an error reply carried fds: {where}"
+        # Only these return session fds (REGISTER_PARTICIPANT's fd is no session).
+        cmd = struct.unpack_from("=I", frame)[0] if len(frame) >= 4 else -1
+        returns_session = cmd in _SESSION_RETURNING
         for fd in fds:
-            if is_session_fd(fd) and self.rng.random() < 0.3 and len(self.sessions) < 8:
+            if (
+                returns_session
+                and is_session_fd(fd)
+                and self.rng.random() < 0.3
+                and len(self.sessions) < 8
+            ):
                 self.sessions.append(Conn(socket.socket(fileno=fd)))  # a session it made
             else:
                 os.close(fd)
@@ -416,6 +424,11 @@ class Storm:
             self.device = None
         wire.close_fds(self.pool)
         self.pool = []
+
+
+_SESSION_RETURNING = frozenset(
+    {uapi.LIVEUPDATE_IOCTL_CREATE_SESSION, uapi.LIVEUPDATE_IOCTL_RETRIEVE_SESSION}
+)
 
 
 def is_session_fd(fd: int) -> bool:

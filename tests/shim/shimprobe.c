@@ -154,6 +154,26 @@ int main(int argc, char **argv)
 		get_name(fd);
 		return 0;
 	}
+	if (strcmp(cmd, "gone-exec") == 0) {
+		char num[16], devnum[16];
+
+		dev = open_device();
+		ses = create(dev, "gone-exec");
+		fcntl(ses, F_SETFD, 0);
+		fcntl(dev, F_SETFD, 0);
+		snprintf(num, sizeof(num), "%d", ses);
+		snprintf(devnum, sizeof(devnum), "%d", dev);
+		execl("/proc/self/exe", argv[0], "gone-execed", num, devnum, (char *)NULL);
+		return 127;
+	}
+	if (strcmp(cmd, "gone-execed") == 0 && argc == 4) {
+		/* Nothing was asked of luod since the exec: the shim meets these
+		 * fds only after luod went away. */
+		wait_stdin(); /* the test stops luod */
+		get_name(atoi(argv[2]));
+		create(atoi(argv[3]), "after");
+		return 0;
+	}
 	if (strcmp(cmd, "gone") == 0) {
 		dev = open_device();
 		ses = create(dev, "gone");
@@ -162,6 +182,6 @@ int main(int argc, char **argv)
 		ses = create(dev, "after");
 		return 0;
 	}
-	fprintf(stderr, "usage: %s errors|fork|exec|dup2|reuse FILE|gone\n", argv[0]);
+	fprintf(stderr, "usage: %s errors|fork|exec|dup2|reuse FILE|gone|gone-exec\n", argv[0]);
 	return 2;
 }

@@ -33,11 +33,18 @@ CONSTANTS = [
     "LUOD_SESSION_KEEP_ON_CLOSE",
     "LUOD_SESSION_FLAGS",
     "LUOD_SERVICE_PID_MAX",
+    "LUOD_PARTICIPANT_DATA_MAX",
+    "LUOD_PARTICIPANT_TIMEOUT_MS",
+    "LUOD_PARTICIPANT_ANSWER_DATA",
+    "LUOD_PARTICIPANT_ANSWER_FLAGS",
 ]
 
 
 def _structs() -> list[type[ctypes.Structure]]:
-    return sorted({info.struct for info in uapi.IOCTLS.values()}, key=lambda s: s.__name__)
+    # The participant fd's messages are ABI too, though no ioctl takes them.
+    structs = {info.struct for info in uapi.IOCTLS.values()}
+    structs |= {message.struct for message in uapi.PARTICIPANT_MESSAGES}
+    return sorted(structs, key=lambda s: s.__name__)
 
 
 def _program() -> str:

@@ -6,6 +6,7 @@ program saw, one ``step: result`` line per call.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -110,12 +111,15 @@ def test_reused_fd_number_is_not_mistaken_for_a_session(
     ]
 
 
+@pytest.mark.parametrize("mode", ["gone", "gone-exec"])
 def test_calls_fail_with_enodev_once_luod_went_away(
-    luod: Luod, shim_env: dict[str, str], build_c: Callable[[Path], Path]
+    luod: Luod, shim_env: dict[str, str], build_c: Callable[[Path], Path], mode: str
 ) -> None:
+    # gone-exec: the fds were inherited across exec and first used after
+    # luod died, when their peer can no longer be named.
     program = build_c(HERE / "shimprobe.c")
     proc = subprocess.Popen(
-        [str(program), "gone"],
+        [str(program), mode],
         env=shim_env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -135,3 +139,31 @@ def test_calls_fail_with_enodev_once_luod_went_away(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_numbers_of_other_shapes_get_linux_answers_from_a_linux_exact_luod(
+    luod_factory: Callable[..., Luod], shim_so: Path, build_c: Callable[[Path], Path]
+) -> None:
+    # The shim passes them to luod (with the size word alone), and
+    # --compat=linux answers as Linux 7.3 did in the VM (linux-mode.md):
+    # EINVAL for an nr outside the table whatever the rest of the number,
+    # ENOTTY for an nr inside it once the size could be read.
+    compat = luod_factory("--compat", "linux")
+    env = {**os.environ, "LD_PRELOAD": str(shim_so), "LIVEUPDATE_DEVICE": compat.socket}
+    result = subprocess.run(
+        [str(build_c(HERE / "shimprobe.c")), "errors"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[4:10] == [
+        "null_arg_unknown_nr: EINVAL",
+        "size_zero: EINVAL",
+        "wrong_type: ENOTTY",
+        "direction_bits: ENOTTY",
+        "terminal_ioctl: EINVAL",
+        "session_cmd_on_device: EINVAL",
+    ]

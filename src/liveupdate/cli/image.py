@@ -144,3 +144,12 @@ def inspect(obj: Context, image: Path, max_size: int) -> None:
                 _data_text(file.compatible, file.data),
             )
     console.print(table)
+    if decoded.participants:
+        parts = Table("participant", "owner uid:gid (pid)", "data")
+        for part in decoded.participants:
+            parts.add_row(
+                part.name.decode(errors="backslashreplace"),
+                f"{part.uid}:{part.gid} ({part.pid})",
+                f"{len(part.data)} B {bytes(part.data).hex()}",
+            )
+        console.print(parts)

@@ -31,7 +31,7 @@ from liveupdate.cli.units import install_units
 from liveupdate.client.control import Control
 from liveupdate.client.device import StateInfo
 from liveupdate.client.errors import error_from_errno
-from liveupdate.client.listing import FileInfo, SessionInfo
+from liveupdate.client.listing import FileInfo, ParticipantInfo, SessionInfo
 from liveupdate.client.service import direction_name
 
 __all__ = ["main"]
@@ -104,15 +104,61 @@ def state(obj: Context, watch: bool, interval: float) -> None:
     try:
         with obj.open_state() as dev:
             info = dev.get_state()
+            participants = _participants(dev)
     except OSError as exc:
         fail(exc)
     data = state_dict(info)
+    if participants:  # the key only when some take part: GET_STATE's fields stay as they were
+        data["participants"] = [_participant_summary(p) for p in participants]
     if obj.json:
         obj.emit(data, "")
         return
     table = Table(show_header=False, box=None)
     for key, value in state_rows(data, time.time()):
         table.add_row(key, value)
+    console.print(table)
+    if participants:
+        _print_participants(participants)
+
+
+def _participants(dev: liveupdate.Device | Control) -> tuple[ParticipantInfo, ...] | None:
+    """The participants luod lists; ``None`` where there is no listing (a kernel,
+    or another user's view refused): the state alone is still worth showing."""
+    try:
+        return dev.list_sessions(files=False).participants
+    except liveupdate.LiveUpdateError:
+        return None
+
+
+def _participant_summary(part: ParticipantInfo) -> dict[str, object]:
+    """A participant in ``luoctl --json state``: its name, phase and last answer."""
+    return {
+        "name": part.name,
+        "pid": part.pid,
+        "phase": part.phase,
+        "last": None if part.last is None else part.last.to_dict(),
+    }
+
+
+def _print_participants(participants: tuple[ParticipantInfo, ...]) -> None:
+    """The participants' table of ``luoctl state`` and ``luoctl sessions``."""
+    table = Table("participant", "owner", "pid", "phase", "data", "carried", "last answer")
+    for part in participants:
+        last = "-"
+        if part.last is not None:
+            outcome = part.last.error or "ok"
+            last = f"{part.last.event}: {outcome}"
+            if part.last.reason:
+                last += f" ({part.last.reason})"
+        table.add_row(
+            part.name,
+            f"{part.uid}:{part.gid}",
+            str(part.pid),
+            part.phase,
+            f"{part.data_len} B",
+            f"{part.carried} B",
+            last,
+        )
     console.print(table)
 
 
@@ -503,6 +549,8 @@ def sessions(obj: Context, name: str | None) -> None:
         highlight=False,
     )
     console.print(table)
+    if listing.participants:
+        _print_participants(listing.participants)
 
 
 main.add_command(inspect)

@@ -62,6 +62,20 @@ STATE: dict[str, Schema] = {
     "last_error": "str",
 }
 
+#: ``luoctl state`` also shows the participants (``docs/concepts/participants.md``):
+#: absent when there are none (or luod lists none: an older luod, a kernel).
+STATE_WITH_PARTICIPANTS: dict[str, Schema] = {
+    **STATE,
+    "participants?": [
+        {
+            "name": "str",
+            "pid": "int",
+            "phase": ("idle", "prepared", "frozen", "waiting"),
+            "last": "object|null",
+        }
+    ],
+}
+
 #: ``luoctl --json state --watch``: one line per change.
 WATCH: dict[str, Schema] = {"time": "float", **STATE}
 
@@ -127,6 +141,21 @@ SESSIONS: dict[str, Schema] = {
             "service?": SERVICE,
         }
     ],
+    # Absent from the listing of one named session.
+    "participants?": [
+        {
+            "name": "str",
+            "uid": "int",
+            "gid": "int",
+            "pid": "int",
+            "registered": "float|null",
+            "phase": ("idle", "prepared", "frozen", "waiting"),
+            "data_len": "int",
+            "carried": "int",
+            "last": "object|null",
+        }
+    ],
+    "hidden_participants?": "int",
 }
 
 #: ``luoctl inspect``: the handover image, decoded.
@@ -161,11 +190,23 @@ INSPECT: dict[str, Schema] = {
             ],
         }
     ],
+    # Only in an image that carries participants (docs/concepts/participants.md).
+    "participants?": [
+        {
+            "name": "str",
+            "name_encoding": ("utf-8", "hex"),
+            "uid": "int",
+            "gid": "int",
+            "pid": "int",
+            "size": "int",
+            "data": "str",
+        }
+    ],
 }
 
 #: Each command's ``--json`` output; ``None``: the command prints no JSON.
 SCHEMAS: dict[str, Schema | None] = {
-    "state": STATE,
+    "state": STATE_WITH_PARTICIPANTS,
     "state --watch": WATCH,
     "status": STATUS,
     "prepare": {"event": ("prepare",), "generation": "int"},

@@ -3,8 +3,9 @@ another process holds the device.
 
 The device admits one opener at a time; the control socket (``luod
 --control-socket``, by default ``control`` next to the device socket) admits
-any number, and answers three calls only: ``GET_STATE``, ``SET_EVENT`` and
-``LIST_SESSIONS``, with the same owner checks as on the device. It speaks the
+any number, and answers four calls only: ``GET_STATE``, ``SET_EVENT``,
+``LIST_SESSIONS`` and ``REGISTER_PARTICIPANT``, with the same owner checks
+as on the device. It speaks the
 device's wire protocol, so the socket transport and the device's own
 methods serve it unchanged::
 
@@ -24,6 +25,7 @@ from typing import Self
 from liveupdate import paths, uapi
 from liveupdate.client.device import Device, StateInfo
 from liveupdate.client.listing import SessionListing
+from liveupdate.client.participant import Participant, register_participant
 from liveupdate.client.transport import SocketTransport
 
 __all__ = ["Control", "control_path", "open_control"]
@@ -57,6 +59,11 @@ class Control:
     def list_sessions(self, name: str | bytes | None = None, files: bool = True) -> SessionListing:
         """LUOD_IOCTL_LIST_SESSIONS, as :meth:`Device.list_sessions`."""
         return self._conn.list_sessions(name, files)
+
+    def register_participant(self, name: str | bytes) -> Participant:
+        """LUOD_IOCTL_REGISTER_PARTICIPANT, as :meth:`Device.register_participant`,
+        without waiting for the device another process may hold."""
+        return register_participant(self._conn, name)
 
     def close(self) -> None:
         self._conn.close()

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from liveupdate import paths, uapi
 from liveupdate.client.errors import InvalidArgumentError, LiveUpdateError, error_from_errno
@@ -42,6 +42,9 @@ from liveupdate.client.transport import (
     transport_for_fd,
     transport_for_path,
 )
+
+if TYPE_CHECKING:
+    from liveupdate.client.participant import Participant
 
 __all__ = ["Device", "Session", "StateInfo", "open_device"]
 
@@ -618,6 +621,13 @@ class Device(_FdObject):
                     errno.EPROTO, "LUOD_IOCTL_LIST_SESSIONS", f"malformed listing: {exc}"
                 ) from None
         return parse_listing(doc, int(arg.hidden))
+
+    def register_participant(self, name: str | bytes) -> Participant:
+        """LUOD_IOCTL_REGISTER_PARTICIPANT: take part in every live update
+        (luod only); see :func:`liveupdate.register_participant`."""
+        from liveupdate.client.participant import register_participant
+
+        return register_participant(self, name)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

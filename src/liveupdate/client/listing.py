@@ -21,7 +21,15 @@ from typing import Any, TypeVar
 from liveupdate import uapi
 from liveupdate.client.errors import LiveUpdateError, error_from_errno
 
-__all__ = ["FileInfo", "ServiceInfo", "SessionInfo", "SessionListing", "parse_listing"]
+__all__ = [
+    "FileInfo",
+    "ParticipantAnswer",
+    "ParticipantInfo",
+    "ServiceInfo",
+    "SessionInfo",
+    "SessionListing",
+    "parse_listing",
+]
 
 T = TypeVar("T")
 
@@ -50,6 +58,18 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _malformed(f"{self.what}: {key!r} is {value!r}, not a number")
         return value  # as sent: an int stays an int in to_dict()
+
+    def number_or_none(self, key: str) -> float | None:
+        if self._obj.get(key) is None:
+            self._taken.add(key)
+            return None
+        return self.number(key)
+
+    def object_or_none(self, key: str) -> dict[str, Any] | None:
+        if self._obj.get(key) is None:
+            self._taken.add(key)
+            return None
+        return self.take(key, dict)
 
     def has(self, key: str) -> bool:
         return key in self._obj
@@ -203,6 +223,88 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class ParticipantAnswer:
+    """How a participant answered its last event (or failed to)."""
+
+    #: ``"prepare"``, ``"freeze"``, ``"cancel"`` or ``"finish"``.
+    event: str
+    #: ``""``: accepted; else the errno's name (``"EBUSY"``, ``"ETIMEDOUT"``...).
+    error: str
+    reason: str
+    #: When (seconds since the epoch).
+    at: float
+
+    @classmethod
+    def from_json(cls, obj: object, what: str) -> ParticipantAnswer:
+        fields = _Fields(obj, f"{what}: last")
+        return cls(
+            event=fields.take("event", str),
+            error=fields.take("error", str),
+            reason=fields.take("reason", str),
+            at=fields.number("at"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event, "error": self.error, "reason": self.reason, "at": self.at}
+
+
+@dataclass(frozen=True)
+class ParticipantInfo:
+    """One participant of the listing (``docs/concepts/participants.md``)."""
+
+    name: str
+    uid: int
+    gid: int
+    pid: int
+    #: When it registered; ``None`` for data of the previous generation whose
+    #: participant has not registered again (``phase`` ``"waiting"``).
+    registered: float | None
+    #: ``"idle"``, ``"prepared"``, ``"frozen"`` or ``"waiting"``.
+    phase: str
+    #: Bytes it carries to the next generation.
+    data_len: int
+    #: Bytes its name carried from the previous generation (until FINISH).
+    carried: int
+    last: ParticipantAnswer | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: object) -> ParticipantInfo:
+        fields = _Fields(obj, "participant")
+        name = fields.take("name", str)
+        fields.what = f"participant {name!r}"
+        registered = fields.number_or_none("registered")
+        last_obj = fields.object_or_none("last")
+        return cls(
+            name=name,
+            uid=fields.take("uid", int),
+            gid=fields.take("gid", int),
+            pid=fields.take("pid", int),
+            registered=registered,
+            phase=fields.take("phase", str),
+            data_len=fields.take("data_len", int),
+            carried=fields.take("carried", int),
+            last=None if last_obj is None else ParticipantAnswer.from_json(last_obj, fields.what),
+            extra=fields.extra(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object luod sent."""
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "uid": self.uid,
+            "gid": self.gid,
+            "pid": self.pid,
+            "registered": self.registered,
+            "phase": self.phase,
+            "data_len": self.data_len,
+            "carried": self.carried,
+            "last": None if self.last is None else self.last.to_dict(),
+        }
+        return {**doc, **self.extra}
+
+
+@dataclass(frozen=True)
 class SessionListing:
     """What ``LUOD_IOCTL_LIST_SESSIONS`` answered."""
 
@@ -213,25 +315,46 @@ class SessionListing:
     hidden: int = 0
     #: Top-level fields this client does not know (a newer luod's).
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The participants this caller may see; ``None`` when not listed (a
+    #: listing of one named session, or an older luod).
+    participants: tuple[ParticipantInfo, ...] | None = None
+    #: Participants of other users left out.
+    hidden_participants: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document luod sent, with ``hidden`` added (``luoctl --json sessions``)."""
-        return {
+        doc: dict[str, Any] = {
             "generation": self.generation,
             "state": self.state.name.lower(),
             "sessions": [s.to_dict() for s in self.sessions],
             **self.extra,
             "hidden": self.hidden,
         }
+        if self.participants is not None:
+            doc["participants"] = [p.to_dict() for p in self.participants]
+            doc["hidden_participants"] = self.hidden_participants
+        return doc
 
 
 def parse_listing(doc: object, hidden: int = 0) -> SessionListing:
     """The listing in luod's JSON document ``doc``; ``EPROTO`` when it is not one."""
     fields = _Fields(doc, "listing")
+    generation = fields.take("generation", int)
+    state = _enum_member(uapi.LuodState, fields.take("state", str), "state")
+    sessions = tuple(SessionInfo.from_json(s) for s in fields.take("sessions", list))
+    participants = None
+    hidden_participants = 0
+    if fields.has("participants"):
+        participants = tuple(
+            ParticipantInfo.from_json(p) for p in fields.take("participants", list)
+        )
+        hidden_participants = fields.take("hidden_participants", int)
     return SessionListing(
-        generation=fields.take("generation", int),
-        state=_enum_member(uapi.LuodState, fields.take("state", str), "state"),
-        sessions=tuple(SessionInfo.from_json(s) for s in fields.take("sessions", list)),
+        generation=generation,
+        state=state,
+        sessions=sessions,
         hidden=hidden,
         extra=fields.extra(),
+        participants=participants,
+        hidden_participants=hidden_participants,
     )

@@ -8,6 +8,8 @@ composes the pieces that own the rest, each in its own module:
   outgoing and incoming sessions, their files, the change counter;
 * :class:`~liveupdate.core.file.PreservedFiles` (``luo_file.c``): which
   files count as preserved; made here, handed to the session set;
+* :class:`~liveupdate.core.participant.ParticipantSet` (``luo_subsystems.c``
+  of the v2 series): the participants of every live update and their data;
 * :mod:`liveupdate.core.policy`: limits, quotas, who may do what.
 
 The steps of a reboot are ordered by :mod:`liveupdate.core.reboot`, which
@@ -35,6 +37,7 @@ from typing import Protocol
 
 from liveupdate import uapi
 from liveupdate.core.file import HandlerRegistry, PreservedFile, PreservedFiles
+from liveupdate.core.participant import ParticipantSet
 from liveupdate.core.policy import FdBudget, Limits, Owner, may_access
 from liveupdate.core.session import ReleaseCheck, Session, SessionSet
 from liveupdate.core.session_ops import parse_name
@@ -204,6 +207,7 @@ class Orchestrator:
             self.settle_state,
             self.hooks.budget,
         )
+        self.participants = ParticipantSet(self.limits, generation)
 
     # -- the state machine ----------------------------------------------------------
 
@@ -220,8 +224,11 @@ class Orchestrator:
         self.hooks.on_state_change(state)
 
     def resting_state(self) -> LuoState:
-        """UPDATED while an incoming session is unfinished, else NORMAL."""
+        """UPDATED while an incoming session is unfinished or participant data
+        of the previous generation waits for FINISH, else NORMAL."""
         if any(not s.finished for s in self.sessions.incoming.values()):
+            return LuoState.UPDATED
+        if self.participants.unfinished:
             return LuoState.UPDATED
         return LuoState.NORMAL
 
@@ -289,6 +296,7 @@ class Orchestrator:
 
     def close(self) -> None:
         """Release everything this generation holds (daemon shutdown)."""
+        self.participants.close()
         self.sessions.close()
         self.preserved.clear()
 
@@ -392,11 +400,14 @@ def _list_sessions(call: DeviceCall, arg: ctypes.Structure) -> int:
         if not any(may_access(s.owner, call.owner) for s in sessions):
             raise OSError(errno.EACCES, "this session belongs to another user")
     visible = [s for s in sessions if may_access(s.owner, call.owner)]
-    doc = {
+    doc: dict[str, object] = {
         "generation": luo.generation,
         "state": luo.state.name.lower(),
         "sessions": [describe_session(s, bool(arg.flags & uapi.LUOD_LIST_FILES)) for s in visible],
     }
+    if not arg.name[0]:
+        # Listed with every session, never with one named session.
+        doc["participants"], doc["hidden_participants"] = luo.participants.describe(call.owner)
     arg.count = len(visible)
     arg.hidden = len(sessions) - len(visible)
     arg.fd = -1

@@ -87,6 +87,10 @@ class Limits:
     #: Members of this group (primary or supplementary) may drive the state
     #: machine like root; ``None``: root and luod's own uid only.
     admin_gid: int | None = None
+    #: Participants registered at once (REGISTER_PARTICIPANT answers ENOMEM beyond).
+    max_participants: int = 64
+    #: How long luod waits for a participant's answer to one event, in ms.
+    participant_timeout_ms: int = uapi.LUOD_PARTICIPANT_TIMEOUT_MS
 
 
 @dataclass

@@ -75,6 +75,7 @@ def snapshot(luo: Orchestrator, writer: str = "") -> HandoverImage:
         luo.sessions.records(),
         writer=writer,
         cold_started_ns=luo.cold_started_ns,
+        participants=luo.participants.records(),
     )
 
 
@@ -103,12 +104,19 @@ def _dry_run_image(luo: Orchestrator) -> HandoverImage:
 
 
 def prepare(luo: Orchestrator, host: RebootHost) -> None:
-    """PREPARE: run the pre-flight and move to PREPARED."""
+    """PREPARE: ask the participants, run the pre-flight and move to PREPARED.
+
+    The participants first: a refusal costs no pre-flight, and the data they
+    set at PREPARE is in the image the pre-flight checks. On any failure
+    every participant that accepted gets CANCEL and the state is unchanged.
+    """
     if luo.state == State.FROZEN:
         raise OSError(errno.EBUSY, "a reboot is in progress")
     try:
+        luo.participants.prepare()
         host.preflight(_dry_run_image(luo))
     except OSError as exc:
+        luo.participants.cancel()
         raise _fail(luo, exc) from None
     luo.last_error = ""
     luo.prepared_mark = luo.sessions.mutations
@@ -119,6 +127,7 @@ def cancel(luo: Orchestrator) -> None:
     """CANCEL: leave PREPARED."""
     if luo.state != State.PREPARED:
         raise _fail(luo, OSError(errno.EINVAL, "not prepared: nothing to cancel"))
+    luo.participants.cancel()
     luo.prepared_mark = None
     luo.set_state(luo.resting_state())
 
@@ -163,19 +172,29 @@ def start_reboot(luo: Orchestrator, host: RebootHost, no_exec: bool) -> None:
     host.begin_reboot(snapshot(luo))
     frozen = False
     try:
+        # Participants registered since PREPARE (or all, without one) are
+        # asked to PREPARE first: none is ever frozen unprepared.
+        luo.participants.prepare()
         checked = previous == State.PREPARED and luo.prepared_mark == luo.sessions.mutations
         if not checked and not no_exec:
             host.preflight(_dry_run_image(luo))
+        # FROZEN first: the state file tells every session holder watching it;
+        # then the participants stop (a VMM pauses, a cache stops writes), and
+        # only then are the files frozen, so what they capture is final.
         luo.set_state(State.FROZEN)
         frozen_ns = time.time_ns()
+        luo.participants.freeze()
         image = freeze(luo, host.freeze_hook)
         frozen = True
         # Stamped, not compared: the image is still the one the pre-flight checked.
         image.reboot_started_ns, image.frozen_ns = started_ns, frozen_ns
         host.commit_reboot(image, no_exec)
     except Exception as exc:
+        # Thawed in the reverse order: the files, then the participants
+        # (CANCEL, last registered first) resume on files that are live again.
         if frozen:
             luo.sessions.thaw()
+        luo.participants.cancel()
         host.abort_reboot()
         luo.set_state(previous)
         if not isinstance(exc, OSError):
@@ -194,6 +213,9 @@ def finish_all(luo: Orchestrator, owner: Owner | None = None) -> None:
         luo.sessions.finish_incoming(owner)
     except OSError as exc:
         raise _fail(luo, exc) from None
+    # Then the participants' data of the previous generation, with a FINISH
+    # to each participant that got it back; this cannot fail.
+    luo.participants.finish(owner)
     if luo.state != State.PREPARED:  # a prepared update stays prepared
         luo.set_state(luo.resting_state())
 
@@ -213,6 +235,9 @@ def restore(
     (fault injection).
     """
     luo = Orchestrator(registry, limits, generation=image.liveupdate_number + 1, hooks=hooks)
+    # The participants' data first: the sessions' restore settles the state,
+    # which stays UPDATED while that data waits for FINISH.
+    luo.participants.restore(image.participants)
     luo.sessions.restore(image.sessions, on_session)
     luo.cold_started_ns = image.cold_started_ns
     luo.arrival = RebootTimes(image.reboot_started_ns, image.frozen_ns)

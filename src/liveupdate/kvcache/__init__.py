@@ -11,6 +11,7 @@ Command line (console script ``kvcache``, or ``python -m liveupdate.kvcache``)::
     kvcache serve [--listen HOST:PORT] [--memory MIB] [--max-item-size BYTES]
                   [--save-file PATH] [--ready-file PATH] [--inherit-listener]
                   [--session NAME [--device PATH]]
+                  [--participant NAME | --no-participant]
     kvcache upgrade NAME [--socket PATH]
     kvcache handoff --pid PID [--ready-file PATH] [--timeout S]
 
@@ -33,6 +34,8 @@ listener as fd 3, and exits (its connections close); ``kvcache handoff
 PATH. ``--session NAME`` serves straight on a device (``/dev/liveupdate`` or
 luod, no ``luoctl run``): the arena is kept in the session NAME, across a
 kexec too; SIGUSR1 freezes it for the kexec.
+With a session it takes part in luod's live updates as ``kvcache:NAME``
+(:mod:`.participant`): writes wait from luod's FREEZE to the update's end.
 ``KVCACHE_FAULT=kill-in-set:N[:value|link]`` kills the server inside its Nth
 store (crash tests). See ``docs/guides/kvcache.md``.
 """

@@ -254,6 +254,11 @@ class Arena:
         return self._get(_TOTAL_ITEMS)
 
     @property
+    def last_cas(self) -> int:
+        """The cas of the latest store: every store advances it, nothing else does."""
+        return self._get(_CAS)
+
+    @property
     def clean(self) -> bool:
         return int(_I.unpack_from(self.mm, _STATE)[0]) == STATE_CLEAN
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import liveupdate
 from liveupdate.kvcache import savefile
 from liveupdate.kvcache.arena import Arena, FaultHook
+from liveupdate.kvcache.participant import participant_name
 from liveupdate.kvcache.protocol import Protocol
 from liveupdate.kvcache.server import (
     ARENA,
@@ -114,6 +115,16 @@ def write_ready(path: str | None, port: int | str) -> None:
         os.replace(path + ".tmp", path)
 
 
+def _participant(args: argparse.Namespace, session: str | None) -> str | None:
+    """The participant to register: ``--participant NAME``, else ``kvcache:SESSION``
+    with a session (none standalone, none with ``--no-participant``)."""
+    if args.no_participant:
+        return None
+    if args.participant:
+        return str(args.participant)
+    return None if session is None else participant_name(session)
+
+
 def _protocol(arena: Arena, server_stats: Callable[[], list[tuple[str, int]]]) -> Protocol:
     return Protocol(arena, PROTOCOL_VERSION, server_stats)
 
@@ -141,6 +152,9 @@ def serve_session(args: argparse.Namespace, svc: liveupdate.InheritedSession) ->
         svc.preserve(state_fd, CONN_STATE)
     pending = read_conn_state(state_fd)
     server = Server(arena, listener, _protocol, svc, state_fd)
+    name = _participant(args, svc.name)
+    if name is not None:
+        server.take_part(name, None)  # luoctl run gives luod's device in the environment
     for token, fd in sorted(fds.items()):
         if token < FIRST_CONNECTION:
             os.close(fd)  # not ours (a newer version's token?): leave it
@@ -237,6 +251,9 @@ def serve_direct(args: argparse.Namespace) -> int:
         except (liveupdate.InvalidArgumentError, liveupdate.NotSupportedError):
             pass  # a kernel: the session ends with this process (or goes through a kexec)
         server = Server(arena, listener, _protocol)
+        name = _participant(args, args.session)
+        if name is not None:
+            server.take_part(name, args.device)
         server.install_signals()
 
         def freeze(_sig: int, _frame: object) -> None:
@@ -288,6 +305,9 @@ def serve_standalone(args: argparse.Namespace) -> int:
     else:
         listener = make_listener(args.listen)
     server = Server(arena, listener, _protocol)
+    participant = _participant(args, None)
+    if participant is not None:
+        server.take_part(participant, None)
     server.install_signals()
     write_ready(args.ready_file, bound_address(listener))
     _say(f"standalone: port {bound_address(listener)}, {arena.curr_items} items")
@@ -360,6 +380,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--device", help="with --session: /dev/liveupdate or luod's socket (default: as luoctl)"
+    )
+    part = serve.add_mutually_exclusive_group()
+    part.add_argument(
+        "--participant",
+        metavar="NAME",
+        help="take part in luod's live updates as NAME: hold writes from its FREEZE to its end "
+        "(default with a session: kvcache:SESSION)",
+    )
+    part.add_argument(
+        "--no-participant",
+        action="store_true",
+        help="with a session: take no part in luod's live updates",
     )
     upgrade = commands.add_parser("upgrade", help="luoctl update NAME")
     upgrade.add_argument("name", help="the session name given to luoctl run")

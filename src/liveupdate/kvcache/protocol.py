@@ -10,6 +10,12 @@ stats version verbosity quit``, each with ``noreply`` where memcached has it.
 Expiry as memcached: 0 never, up to 30 days relative seconds, beyond that
 an absolute Unix time, negative already expired. Times are wall-clock
 seconds so that they mean the same to the next process.
+
+While luod freezes a live update (:meth:`Protocol.freeze_writes`), a command
+that writes (:data:`WRITES`) is not run: :meth:`~Protocol.execute` stops in
+front of it and says :data:`HELD`, and the caller stops reading that
+connection until :meth:`~Protocol.thaw_writes`. Reads go on. The switch
+swaps the command table, so the hot path tests nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Callable
 
 from liveupdate.kvcache.arena import MAX_KEY, Arena
 
-__all__ = ["MAX_LINE", "Protocol", "expiry"]
+__all__ = ["HELD", "MAX_LINE", "WRITES", "Protocol", "expiry"]
 
 #: The longest command line (a ``get`` of many keys); longer closes the connection.
 MAX_LINE = 65536
@@ -31,6 +37,15 @@ _CRLF = b"\r\n"
 _NOREPLY = b"noreply"
 _STORAGE = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
 _U64 = 1 << 64
+#: The commands that change the arena beyond its LRU order: held while writes
+#: are frozen. ``gat``/``gats`` change an expiry; a plain ``get`` may still
+#: reap an expired item, which changes nothing a client can see.
+WRITES = frozenset(
+    (*_STORAGE, b"delete", b"incr", b"decr", b"touch", b"gat", b"gats", b"flush_all")
+)
+#: :meth:`Protocol.execute`'s second value when it stopped in front of a write
+#: because writes are frozen (``False``: go on; ``True``: close).
+HELD = 2
 
 STORED = b"STORED\r\n"
 NOT_STORED = b"NOT_STORED\r\n"
@@ -48,6 +63,10 @@ NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 LINE_TOO_LONG = b"CLIENT_ERROR line too long\r\n"
 BAD_DELTA = b"CLIENT_ERROR invalid numeric delta argument\r\n"
 NON_NUMERIC = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+
+
+class _WriteHeldError(Exception):
+    """Raised by a write command while writes are frozen; caught by execute."""
 
 
 def expiry(exptime: int, now: int) -> int:
@@ -112,38 +131,73 @@ class Protocol:
             b"verbosity": self._verbosity,
             b"quit": self._quit,
         }
+        self._writing = self._commands
+        #: The storage commands' entry point: :meth:`_storage`, or a stop while frozen.
+        self._store_command = self._storage
+        #: Whether writes are frozen (:meth:`freeze_writes`).
+        self.writes_frozen = False
 
-    def execute(self, buf: bytes, out: list[bytes], now: int) -> tuple[int, bool]:
-        """Run the complete commands in ``buf``; ``(bytes used, close the connection)``."""
+    def freeze_writes(self) -> None:
+        """Stop running writes: :meth:`execute` stops in front of the first one."""
+        self._commands = {
+            cmd: self._hold if cmd in WRITES else handler for cmd, handler in self._writing.items()
+        }
+        self._store_command = self._hold_storage
+        self.writes_frozen = True
+
+    def thaw_writes(self) -> None:
+        """Run writes again (the caller runs what it held)."""
+        self._commands = self._writing
+        self._store_command = self._storage
+        self.writes_frozen = False
+
+    def _hold(self, parts: list[bytes], out: list[bytes], now: int) -> bool:
+        raise _WriteHeldError
+
+    def _hold_storage(
+        self, cmd: bytes, parts: list[bytes], buf: bytes, start: int, out: list[bytes], now: int
+    ) -> int:
+        raise _WriteHeldError
+
+    def execute(self, buf: bytes, out: list[bytes], now: int) -> tuple[int, int]:
+        """Run the complete commands in ``buf``; ``(bytes used, close the connection)``.
+
+        The second value is :data:`HELD` when writes are frozen and the next
+        command writes: ``bytes used`` ends in front of it.
+        """
         pos = 0
         size = len(buf)
         commands = self._commands
-        while pos < size:
-            eol = buf.find(b"\n", pos)
-            if eol < 0:
-                if size - pos > MAX_LINE:
-                    out.append(LINE_TOO_LONG)
-                    return size, True
-                break
-            end = eol - 1 if eol > pos and buf[eol - 1] == 13 else eol
-            parts = buf[pos:end].split()
-            if not parts:
-                out.append(ERROR)
-                pos = eol + 1
-                continue
-            cmd = parts[0]
-            if cmd in _STORAGE:
-                used = self._storage(cmd, parts, buf, eol + 1, out, now)
-                if used < 0:
-                    return size if used == -2 else pos, used == -2
-                pos = used
-                continue
-            pos = eol + 1
-            handler = commands.get(cmd)
-            if handler is None:
-                out.append(ERROR)
-            elif handler(parts, out, now):
-                return pos, True
+        store = self._store_command
+        try:
+            while pos < size:
+                eol = buf.find(b"\n", pos)
+                if eol < 0:
+                    if size - pos > MAX_LINE:
+                        out.append(LINE_TOO_LONG)
+                        return size, True
+                    break
+                end = eol - 1 if eol > pos and buf[eol - 1] == 13 else eol
+                parts = buf[pos:end].split()
+                if not parts:
+                    out.append(ERROR)
+                    pos = eol + 1
+                    continue
+                cmd = parts[0]
+                if cmd in _STORAGE:
+                    used = store(cmd, parts, buf, eol + 1, out, now)
+                    if used < 0:
+                        return size if used == -2 else pos, used == -2
+                    pos = used
+                    continue
+                handler = commands.get(cmd)
+                if handler is None:
+                    out.append(ERROR)
+                elif handler(parts, out, now):
+                    return eol + 1, True
+                pos = eol + 1  # after the handler: a held write leaves pos in front of it
+        except _WriteHeldError:
+            return pos, HELD
         return pos, False
 
     # -- storage -----------------------------------------------------------------------

@@ -9,10 +9,17 @@ socket would not take) into the connection-state memfd, marks the arena
 clean and exits: the successor picks each connection up exactly where this
 one left it. Bytes clients send meanwhile wait in the kernel's socket
 buffers, and connection attempts in the listener's backlog.
+
+As a participant of luod's live updates (:mod:`liveupdate.kvcache.participant`)
+the loop also polls the participant fd; while luod freezes, a connection
+whose next command writes is left unread (:meth:`Server.freeze_writes`) and
+the others are served.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import selectors
 import signal
@@ -24,7 +31,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from liveupdate.kvcache.arena import Arena
-from liveupdate.kvcache.protocol import Protocol
+from liveupdate.kvcache.participant import CARRIED, UpdateParticipant
+from liveupdate.kvcache.protocol import HELD, Protocol
 
 if TYPE_CHECKING:
     from liveupdate.client.service import InheritedSession
@@ -136,16 +144,32 @@ class Server:
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, None)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        #: luod's live updates, when kvcache takes part (:meth:`take_part`).
+        self.participant: UpdateParticipant | None = None
+        #: Connections left unread because their next command writes while
+        #: writes are frozen (:meth:`freeze_writes`), by token.
+        self.held: dict[int, Connection] = {}
+        #: The cas the last live update carried back (0: none).
+        self.carried_cas = 0
         self.freeze_fd: int | None = None
         if svc is not None and svc.supervisor is not None:
             self.freeze_fd = svc.freeze_fd()
             self.sel.register(self.freeze_fd, selectors.EVENT_READ, self._on_freeze)
 
     def _stats(self) -> list[tuple[str, int]]:
-        return [
+        rows = [
             ("curr_connections", len(self.conns)),
             ("total_connections", self.total_connections),
         ]
+        part = self.participant
+        if part is not None:
+            rows += [
+                ("liveupdate_participant", int(part.part is not None)),
+                ("liveupdate_writes_frozen", int(self.protocol.writes_frozen)),
+                ("liveupdate_held_connections", len(self.held)),
+                ("liveupdate_carried_cas", self.carried_cas),
+            ]
+        return rows
 
     # -- connections -------------------------------------------------------------------
 
@@ -219,7 +243,10 @@ class Server:
         if out:
             self._send(conn, out[0] if len(out) == 1 else b"".join(out))
         if close and conn.token in self.conns:
-            self._close(conn)
+            if close == HELD:
+                self._hold(conn)
+            else:
+                self._close(conn)
 
     def _send(self, conn: Connection, data: bytes) -> None:
         if conn.outbuf:
@@ -274,6 +301,66 @@ class Server:
         if self.svc.freeze_requested():
             self.stop_reason = FREEZE
 
+    # -- luod's live updates (kvcache as a participant) -------------------------------
+
+    def take_part(self, name: str, device: str | None) -> None:
+        """Take part in luod's live updates as participant ``name``: it
+        registers from the loop, after the first requests are answered (out
+        of an upgrade's blackout), and again after each of luod's live updates."""
+        self.participant = UpdateParticipant(
+            name,
+            device,
+            self.sel,
+            freeze=self.freeze_writes,
+            thaw=self.thaw_writes,
+            refusal=self._refusal,
+            carried=self._carried,
+        )
+
+    def freeze_writes(self) -> bytes:
+        """luod's FREEZE: apply no write until :meth:`thaw_writes`; what to carry."""
+        self.protocol.freeze_writes()
+        return CARRIED.pack(self.arena.last_cas, self.arena.curr_items)
+
+    def thaw_writes(self) -> None:
+        """Apply writes again, the held connections' first."""
+        self.protocol.thaw_writes()
+        held, self.held = self.held, {}
+        now = int(time.time())
+        for conn in held.values():
+            if conn.token not in self.conns:
+                continue  # closed meanwhile (the Server stopping)
+            self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+            self._run(conn, b"", now)
+
+    def _hold(self, conn: Connection) -> None:
+        """The next command of ``conn`` writes while writes are frozen: read no
+        more of it (its bytes wait in the socket) until :meth:`thaw_writes`.
+        With replies still to send it stays registered for writing: _flush
+        runs the command again once they are sent, and holds it then."""
+        if not conn.outbuf:
+            self.sel.unregister(conn.sock)
+            self.held[conn.token] = conn
+
+    def _refusal(self) -> int:
+        # Handing over to a successor: that one takes part in luod's update.
+        return errno.EBUSY if self.stop_reason is not None else 0
+
+    def _carried(self, data: bytes) -> str:
+        """What a registration says about the data the last live update carried."""
+        if len(data) != CARRIED.size:
+            self.carried_cas = 0
+            return "" if not data else f"; the last live update carried {len(data)} bytes"
+        cas, items = CARRIED.unpack(data)
+        self.carried_cas = cas
+        now = self.arena.last_cas
+        check = (
+            "no store since the freeze"
+            if now == cas
+            else f"the arena's cas is {now}: stores the freeze did not see"
+        )
+        return f"; the last live update carried {items} items at cas {cas} ({check})"
+
     # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> str:
@@ -282,7 +369,9 @@ class Server:
         svc = self.svc
         while self.stop_reason is None:
             pending = svc is not None and svc.pending > 0
-            events = select(0 if pending else 1.0)
+            part = self.participant
+            due = None if part is None else part.timeout()
+            events = select(0 if pending else 1.0 if due is None else min(due, 1.0))
             now = int(time.time())
             for key, mask in events:
                 data = key.data
@@ -303,19 +392,28 @@ class Server:
                 # What restore() left to preserve again, a few files a turn:
                 # requests are answered in between.
                 svc.preserve_pending(PENDING_PER_TURN)
+            if due is not None and part is not None:
+                part.tick()
         return self.stop_reason or STOP
 
     def hand_over(self) -> None:
         """Leave every connection where a successor can pick it up; mark the
         arena clean (the caller unmaps it once the successor was let go)."""
+        if self.participant is not None:
+            # At once, not at exit: luod need not wait for an answer that
+            # cannot come; a successor registers the name again.
+            self.participant.close()
         for conn in self.conns.values():
-            self.sel.unregister(conn.sock)
+            with contextlib.suppress(KeyError):  # held: not registered
+                self.sel.unregister(conn.sock)
         if self.conn_state_fd is not None:
             write_conn_state(self.conn_state_fd, list(self.conns.values()))
         self.arena.mark_clean()
 
     def close(self) -> None:
         """Close every connection and the listener (a standalone stop)."""
+        if self.participant is not None:
+            self.participant.close()
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.conns.clear()

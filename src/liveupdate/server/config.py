@@ -264,6 +264,14 @@ class Config:
         help="Group (name or gid) whose members may drive the state machine (prepare, "
         "cancel, reboot, finish everyone's sessions) like root and luod's own user.",
     )
+    participant_timeout_ms: int = option(
+        "--participant-timeout-ms",
+        Limits.participant_timeout_ms,
+        type=AtLeast(int, 1),
+        show_default=True,
+        help="How long luod waits for a participant's answer to one event (PREPARE, FREEZE, "
+        "CANCEL, FINISH); a missed PREPARE or FREEZE deadline aborts the live update.",
+    )
     #: ``HOST:PORT`` of the Prometheus endpoint; ``None``: no metrics.
     metrics_address: str | None = option(
         "--metrics-address",
@@ -314,6 +322,16 @@ class Config:
         help="luod executable the live update re-executes [default: this Python running "
         "the installed liveupdate package].",
     )
+    #: ``linux``: behave as Linux 7.3's /dev/liveupdate where userspace can
+    #: (docs/guides/linux-mode.md); ``None``: luod's own contract and extensions.
+    compat: str | None = option(
+        "--compat",
+        None,
+        type=OneOf(("linux",)),
+        help="linux: answer on the device and session fds as Linux 7.3 does (EINVAL for "
+        "numbers outside its table, no luod extensions, memfds alone, their size locked "
+        "by seals); the control socket keeps the extensions [default: luod's own contract].",
+    )
     #: The listener came from systemd (kept across re-execs: never unlink it).
     socket_activated: bool = option("--socket-activated", False, to_arg=None, hidden=True)
 
@@ -342,6 +360,11 @@ class Config:
         return [self.exec_path] if self.exec_path else []
 
     @property
+    def linux_exact(self) -> bool:
+        """``--compat=linux``."""
+        return self.compat == "linux"
+
+    @property
     def limits(self) -> Limits:
         return Limits(
             max_sessions=self.max_sessions,
@@ -351,6 +374,7 @@ class Config:
             max_memfd_bytes_per_uid=self.max_memfd_bytes_per_uid,
             fd_reserve=self.fd_reserve,
             admin_gid=self.admin_gid,
+            participant_timeout_ms=self.participant_timeout_ms,
         )
 
     def to_args(self) -> list[str]:

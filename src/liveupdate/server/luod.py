@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry
 from liveupdate.core.handlers import default_registry
+from liveupdate.core.handlers.linux import linux_registry
 from liveupdate.core.luo import Hooks, LuoState, Orchestrator
 from liveupdate.core.policy import FdBudget, Limits
 from liveupdate.core.session import Session
@@ -411,7 +412,7 @@ def run(
     set_process_name()
     hard = raise_nofile_limit()
     faults = FaultInjector()
-    registry = default_registry()
+    registry = linux_registry() if config.linux_exact else default_registry()
     lost: LostReport | None = None
     state_name = os.path.basename(config.state_file)
     server: DeviceServer | None = None
@@ -483,6 +484,8 @@ def run(
         ground.listener,
         _server_hooks(config, ground, faults, journal, child_env, copies),
         control=ground.control,
+        # The control socket keeps the extensions luoctl needs (linux-mode.md).
+        linux_exact=config.linux_exact,
     )
     server.install_signal_handlers()
     metrics = None
@@ -502,6 +505,7 @@ def run(
         restored=restored,
         copies=copies.name if copies is not None else "off",
         recovered_sessions=recovered.sessions if recovered is not None else 0,
+        compat=config.compat or "luod",
     )
     luo.serving()
     # The line operators (and tests) wait for: the socket listens now.

@@ -407,6 +407,9 @@ class ReexecDriver:
         # Incoming sessions of the ending generation that are not handed on
         # are released, exactly as the exec would (their fds are close-on-exec).
         old.sessions.drop_incoming()
+        # Its participants see their fd close, as after an exec: the next
+        # generation is theirs to register with.
+        old.participants.close()
         # The very path an exec'd luod takes: restore from the image file just
         # committed (on failure: EIO opens, the image and every fd kept).
         new = restore_from_image(

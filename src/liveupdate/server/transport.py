@@ -101,6 +101,8 @@ class DeviceServer:
             drives the server it is given); none by default.
         control: The control socket's listener (:mod:`liveupdate.server.control`),
             if luod serves one.
+        linux_exact: Linux's tables on the device and session fds
+            (``luod --compat=linux``); the control socket's stays luod's.
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class DeviceServer:
         listener: socket.socket,
         hooks: Callable[[DeviceServer], ServerHooks] | None = None,
         control: socket.socket | None = None,
+        linux_exact: bool = False,
     ) -> None:
         self._serve_generation(luo)
         self.listener = listener
@@ -118,8 +121,8 @@ class DeviceServer:
         self.control_acceptor = Acceptor(control, self.selector) if control is not None else None
         self.device: Endpoint | None = None
         self.endpoints: set[Endpoint] = set()
-        self.device_table: DispatchTable[DeviceCall] = device_table()
-        self.session_table: DispatchTable[SessionCall] = session_table()
+        self.device_table: DispatchTable[DeviceCall] = device_table(linux_exact)
+        self.session_table: DispatchTable[SessionCall] = session_table(linux_exact)
         self.control_table: DispatchTable[DeviceCall] = control_table()
         #: Calls by ioctl number, and failed calls by (ioctl number, errno):
         #: plain dicts, cheap on every call; the metrics read them when scraped.

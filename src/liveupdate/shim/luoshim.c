@@ -74,6 +74,7 @@
 #define CMD_PRESERVE_FD 0xBA40U
 #define CMD_RETRIEVE_FD 0xBA41U
 #define CMD_LIST_SESSIONS 0xBA82U
+#define CMD_REGISTER_PARTICIPANT 0xBA83U
 
 /* Verdict cache: one word per fd, (socket inode << 3) | OWN | LUOD | KNOWN.
  * OWN: this process got the fd from luod and calls on it directly. */
@@ -500,6 +501,12 @@ static int fail(int err)
 	return -1;
 }
 
+/* The shape of every LUO number: the type byte 0xBA, no direction or size bits. */
+static int luo_shaped(unsigned int cmd)
+{
+	return ((cmd >> 8) & 0xFF) == LUO_TYPE && (cmd >> 16) == 0;
+}
+
 /* -- channels (wire 1.1) ------------------------------------------------------ */
 
 static pthread_mutex_t *stripe(int fd)
@@ -657,7 +664,10 @@ static int luod_ioctl_on(int fd, unsigned int cmd, void *arg)
 	 * bytes that can be read are sent, and luod's dispatch order decides
 	 * between ENOTTY, EFAULT and the rest. */
 	if (arg != NULL && copy_in(&size, arg, 4) == 0) {
-		arg_len = size < 4 ? 4 : size;
+		/* A number of another type, or with direction or size bits, is
+		 * never a LUO call: only the size word goes (what the kernel would
+		 * have read), and luod answers it as the device would. */
+		arg_len = size < 4 || !luo_shaped(cmd) ? 4 : size;
 		if (arg_len > MAX_ARG_LEN)
 			return fail(E2BIG); /* wire.md's cap, as luod answers it */
 	}
@@ -679,7 +689,8 @@ static int luod_ioctl_on(int fd, unsigned int cmd, void *arg)
 		attach = caller_fd >= 0 ? caller_fd : -1;
 	}
 	returns_fd = cmd == CMD_CREATE_SESSION || cmd == CMD_RETRIEVE_SESSION ||
-		     cmd == CMD_RETRIEVE_FD || cmd == CMD_LIST_SESSIONS;
+		     cmd == CMD_RETRIEVE_FD || cmd == CMD_LIST_SESSIONS ||
+		     cmd == CMD_REGISTER_PARTICIPANT;
 	if (returns_fd) {
 		/* Make sure the returned fd can be installed before asking: dropped
 		 * on receipt, a retrieved session would be taken for closed (an
@@ -754,6 +765,20 @@ out:
 	return 0;
 }
 
+/* An fd of a luod that went away: a SEQPACKET Unix socket whose peer hung
+ * up. After exec a session fd's peer can no longer be named (its process is
+ * gone), so this is what is left to recognise it by. Keeps errno. */
+static int is_orphaned_socket(int fd)
+{
+	struct pollfd pfd = { fd, POLLRDHUP, 0 };
+	int saved = errno, orphaned;
+
+	orphaned = is_seqpacket_unix(fd) && poll(&pfd, 1, 0) == 1 &&
+		   (pfd.revents & (POLLHUP | POLLRDHUP));
+	errno = saved;
+	return orphaned;
+}
+
 /* Generic fd ioctls that the VFS answers for any file, device or not. */
 static int generic_fd_ioctl(unsigned long cmd)
 {
@@ -769,12 +794,15 @@ int ioctl(int fd, unsigned long cmd, ...)
 	va_start(ap, cmd);
 	arg = va_arg(ap, void *);
 	va_end(ap);
-	if (!generic_fd_ioctl(cmd) && is_luod_fd(fd)) {
-		/* The device answers only its own type, with no direction or size
-		 * bits; luod decides which numbers of that type exist. */
-		if (((cmd >> 8) & 0xFF) != LUO_TYPE || (cmd >> 16) != 0)
-			return fail(ENOTTY);
-		return luod_ioctl(fd, (unsigned int)cmd, arg);
+	if (!generic_fd_ioctl(cmd)) {
+		/* luod decides every answer, as the device does: ENOTTY for a
+		 * number of another type, or Linux's EINVAL under --compat=linux. */
+		if (is_luod_fd(fd))
+			return luod_ioctl(fd, (unsigned int)cmd, arg);
+		/* A LUO call on the fd of a luod that went away: ENODEV, as for
+		 * the fd of an old generation, rather than a socket's ENOTTY. */
+		if (luo_shaped((unsigned int)cmd) && is_orphaned_socket(fd))
+			return fail(ENODEV);
 	}
 	if (!real)
 		real = (ioctl_fn)next("ioctl");

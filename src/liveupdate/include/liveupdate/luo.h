@@ -43,6 +43,7 @@ enum {
 	LUOD_CMD_GET_STATE = LUOD_CMD_BASE,
 	LUOD_CMD_SET_EVENT,
 	LUOD_CMD_LIST_SESSIONS,
+	LUOD_CMD_REGISTER_PARTICIPANT,
 };
 
 enum {
@@ -169,6 +170,17 @@ enum luod_copies {
 #define LUOD_SESSION_KEEP_ON_CLOSE (1U << 0)
 #define LUOD_SESSION_FLAGS LUOD_SESSION_KEEP_ON_CLOSE
 #define LUOD_SERVICE_PID_MAX ((1U << 22) - 1)
+#define LUOD_PARTICIPANT_DATA_MAX 256
+#define LUOD_PARTICIPANT_TIMEOUT_MS 5000
+#define LUOD_PARTICIPANT_ANSWER_DATA (1U << 0)
+#define LUOD_PARTICIPANT_ANSWER_FLAGS LUOD_PARTICIPANT_ANSWER_DATA
+
+enum luod_participant_event_type {
+	LUOD_PARTICIPANT_PREPARE = 1,
+	LUOD_PARTICIPANT_FREEZE = 2,
+	LUOD_PARTICIPANT_CANCEL = 3,
+	LUOD_PARTICIPANT_FINISH = 4,
+};
 
 /* struct luod_get_state - ioctl(LUOD_IOCTL_GET_STATE); mandatory up to @generation. */
 struct luod_get_state {
@@ -218,6 +230,40 @@ struct luod_list_sessions {
 	__u32 hidden;
 	__u32 reserved;
 	__u8 name[LIVEUPDATE_SESSION_NAME_LENGTH];
+};
+
+/*
+ * struct luod_register_participant - ioctl(LUOD_IOCTL_REGISTER_PARTICIPANT).
+ * @fd out is the participant fd: read() one struct luod_participant_event per
+ * phase, write() one struct luod_participant_answer with the same @seq.
+ */
+struct luod_register_participant {
+	__u32 size;
+	__s32 fd;
+	__u32 flags;
+	__u32 data_len;
+	__u8 name[LIVEUPDATE_SESSION_NAME_LENGTH];
+	__u8 data[LUOD_PARTICIPANT_DATA_MAX];
+};
+
+/* struct luod_participant_event - message(luod to participant) */
+struct luod_participant_event {
+	__u32 size;
+	__u32 event;
+	__aligned_u64 seq;
+	__u32 timeout_ms;
+	__u32 reserved;
+	__aligned_u64 generation;
+};
+
+/* struct luod_participant_answer - message(participant to luod); mandatory up to @data_len. */
+struct luod_participant_answer {
+	__u32 size;
+	__u32 flags;
+	__aligned_u64 seq;
+	__u32 error;
+	__u32 data_len;
+	__u8 data[LUOD_PARTICIPANT_DATA_MAX];
 };
 
 /* struct luod_session_update - ioctl(LUOD_SESSION_UPDATE) */
@@ -272,6 +318,8 @@ struct luod_session_set_service {
 #define LUOD_IOCTL_GET_STATE _IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_GET_STATE)
 #define LUOD_IOCTL_SET_EVENT _IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_SET_EVENT)
 #define LUOD_IOCTL_LIST_SESSIONS _IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_LIST_SESSIONS)
+#define LUOD_IOCTL_REGISTER_PARTICIPANT \
+	_IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_REGISTER_PARTICIPANT)
 #define LUOD_SESSION_UPDATE _IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_SESSION_UPDATE)
 #define LUOD_SESSION_SET_FLAGS _IO(LIVEUPDATE_IOCTL_TYPE, LUOD_CMD_SESSION_SET_FLAGS)
 #define LUOD_SESSION_UNPRESERVE_FD \
