@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import resultfile
+from luodproc import start_luod
 
 import liveupdate
 from liveupdate import uapi
@@ -96,22 +97,10 @@ def percentile(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[index] / 1000
 
 
-def start_luod(state: Path, keeper: bool = True) -> subprocess.Popen[bytes]:
+def start_ops_luod(state: Path, keeper: bool = True) -> subprocess.Popen[bytes]:
     """luod as a user starts it (``keeper``: its default copies, a keeper
     process), or with ``--keeper off``."""
-    log = open(state / "luod.log", "wb")  # noqa: SIM115 - owned by the child
-    argv = [sys.executable, "-m", "liveupdate.server.luod", "--socket", str(state / "device")]
-    proc = subprocess.Popen(
-        argv if keeper else [*argv, "--keeper", "off"],
-        stdout=log,
-        stderr=log,
-    )
-    deadline = time.monotonic() + 30
-    while b"serving" not in (state / "luod.log").read_bytes():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError((state / "luod.log").read_text())
-        time.sleep(0.01)
-    return proc
+    return start_luod(state) if keeper else start_luod(state, "--keeper", "off")
 
 
 def reboot(device: str, held: liveupdate.Session) -> None:
@@ -158,7 +147,7 @@ class Luod:
 
     def __init__(self, keeper: bool = True) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="luod-ops-"))
-        self.proc = start_luod(self.state, keeper)
+        self.proc = start_ops_luod(self.state, keeper)
         device = str(self.state / "device")
         memfd = os.memfd_create("ops")
         os.write(memfd, b"x" * 64)

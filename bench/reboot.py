@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from luodproc import start_luod
+
 import liveupdate
 from liveupdate import uapi
 
@@ -43,21 +45,13 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_luod(state: Path, max_files: int) -> subprocess.Popen[bytes]:
-    log = open(state / "luod.log", "wb")  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "liveupdate.server.luod", "--socket", str(state / "device"),
-         "--max-files", str(max_files), "--max-sessions", "4096", "--max-files-per-uid", "0",
-         "--max-sessions-per-uid", "0", "--max-memfd-bytes-per-uid", "0"],
-        stdout=log,
-        stderr=log,
+def start_reboot_luod(state: Path, max_files: int) -> subprocess.Popen[bytes]:
+    """luod with room for the largest image: no session or per-uid limit in the way."""
+    return start_luod(
+        state, "--max-files", str(max_files), "--max-sessions", "4096",
+        "--max-files-per-uid", "0", "--max-sessions-per-uid", "0",
+        "--max-memfd-bytes-per-uid", "0",
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while b"serving" not in (state / "luod.log").read_bytes():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError((state / "luod.log").read_text())
-        time.sleep(0.01)
-    return proc
 
 
 def populate(device: str, sessions: int, files_per_session: int) -> list[liveupdate.Session]:
@@ -140,7 +134,7 @@ def serving_pid(state: Path) -> int:
 
 def measure(label: str, sessions: int, files: int, repeat: int) -> dict[str, float | str | int]:
     state = Path(tempfile.mkdtemp(prefix="luod-bench-"))
-    proc = start_luod(state, max(files, 1024))
+    proc = start_reboot_luod(state, max(files, 1024))
     try:
         before = rss_kib(proc.pid)
         held = populate(str(state / "device"), sessions, files)
