@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -221,3 +222,35 @@ def test_a_handover_asked_on_a_channel_hands_over_the_session_fd(
     assert shared.recv(16) == b""
     assert channel.recv(16) == b""
     assert "chan" in [s.name for s in dev.list_sessions().sessions]
+
+
+def test_channels_stop_at_luods_fd_reserve(luod_factory: Callable[..., Luod]) -> None:
+    daemon = luod_factory("--fd-reserve", "32")
+    # A small table, so that filling it is quick (a re-exec would keep it).
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (160, 160))
+    with liveupdate.open_device(daemon.socket) as dev:
+        session = dev.create_session("reserve")
+        shared = socket.socket(fileno=session.detach())
+        shared.settimeout(10)
+        channels = []
+        for _ in range(160):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            wire.send_message(shared, wire.encode_bind(), [theirs.fileno()])
+            theirs.close()
+            ours.settimeout(10)
+            ack = ours.recv(64)
+            if not ack:  # refused: the answer is on the shared fd
+                ours.close()
+                break
+            channels.append(ours)
+        else:
+            raise AssertionError("luod bound a channel into its fd reserve")
+        assert wire.decode_reply(shared.recv(64)) == (-errno.EMFILE, b"")
+        # What luod holds besides (its log, listeners, copies...) takes a few more.
+        assert 160 - 32 - 32 < len(channels) < 160 - 32, len(channels)
+        # The reserve is intact: the operator's own connections still work.
+        assert dev.get_state().state == uapi.LuodState.NORMAL
+        for channel in channels:
+            channel.close()
+        _bind(shared).close()
+        shared.close()

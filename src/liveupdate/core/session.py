@@ -272,9 +272,13 @@ class SessionSet:
             if other.owner.uid == uid and other is not besides:
                 self.released_meanwhile(other)
 
-    def check_fd_reserve(self) -> None:
-        """``EMFILE`` when one more held fd would eat into luod's reserve."""
-        check_fd_reserve(self.limits, self._total.sessions + self._total.files)
+    def check_fd_reserve(self, others: int = 0) -> None:
+        """``EMFILE`` when one more held fd would eat into luod's reserve.
+
+        ``others``: fds luod holds for its callers besides sessions and files
+        (the transport's channels).
+        """
+        check_fd_reserve(self.limits, self._total.sessions + self._total.files + others)
 
     # -- creating and retrieving --------------------------------------------------
 

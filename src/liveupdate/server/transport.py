@@ -121,6 +121,8 @@ class DeviceServer:
         self.control_acceptor = Acceptor(control, self.selector) if control is not None else None
         self.device: Endpoint | None = None
         self.endpoints: set[Endpoint] = set()
+        #: Channels open (wire 1.1): fds held for callers, like sessions'.
+        self.channel_count = 0
         self.device_table: DispatchTable[DeviceCall] = device_table(linux_exact)
         self.session_table: DispatchTable[SessionCall] = session_table(linux_exact)
         self.control_table: DispatchTable[DeviceCall] = control_table()
@@ -545,6 +547,11 @@ class DeviceServer:
         if len(main.channels) >= MAX_CHANNELS:
             return Reply.error(errno.EMFILE)
         try:
+            # A channel is one more fd held for a caller, like a session's.
+            self.luo.sessions.check_fd_reserve(self.channel_count)
+        except OSError as exc:
+            return Reply.error(exc.errno or errno.EMFILE)
+        try:
             sock = socket.socket(fileno=fds[0])
         except OSError:  # not a socket (ENOTSOCK)
             return Reply.error(errno.EINVAL)
@@ -564,6 +571,7 @@ class DeviceServer:
             return Reply.error(errno.EINVAL)
         chan = Endpoint(sock, owner, main.session, control=main.control, main=main)
         main.channels.append(chan)
+        self.channel_count += 1
         self._register(chan)
         event("channel-bound", logging.DEBUG, endpoint=main.kind, peer_pid=owner.pid)
         return None
@@ -624,8 +632,10 @@ class DeviceServer:
         for chan in channels:
             self._discard_input(chan)
             self._drop(chan)
-        if ep.main is not None and ep in ep.main.channels:
-            ep.main.channels.remove(ep)
+        if ep.main is not None:
+            self.channel_count -= 1
+            if ep in ep.main.channels:
+                ep.main.channels.remove(ep)
         if ep.session is not None and ep.session.endpoint is ep:
             ep.session.endpoint = None
 
