@@ -11,6 +11,7 @@ here:
 * :func:`wait_for` / :func:`wait_until`, bounded polling for asynchronous
   effects (a closed connection is released when luod's loop reads the EOF);
 * :func:`memfd` and :func:`read_all`, real memfds with known contents;
+* :func:`errno_of`, the errno a call fails with (0: none);
 * :func:`luoctl` and :func:`luoctl_reboot`, the CLI as a real command;
 * :func:`preserved_session` and :func:`assert_retrieves`, a session with one
   memfd and the check that its successor gets the same bytes;
@@ -327,6 +328,16 @@ def memfd(data: bytes = b"", name: str = "luodtest") -> int:
     if data:
         os.write(fd, data)
     return fd
+
+
+def errno_of(fn: Callable[[], object]) -> int:
+    """Run ``fn``: 0, or the errno of the :class:`OSError` it raised."""
+    try:
+        fn()
+    except OSError as exc:
+        assert exc.errno is not None, exc
+        return exc.errno
+    return 0
 
 
 def read_all(fd: int) -> bytes:

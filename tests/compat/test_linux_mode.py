@@ -32,6 +32,7 @@ from luodtest import (
     TEST_COMPAT_ENV,
     TEST_DEVICE_ENV,
     Luod,
+    errno_of,
     events,
     luoctl,
     luoctl_reboot,
@@ -64,14 +65,6 @@ def fds() -> Iterator[list[int]]:
             os.close(fd)
         except OSError:
             pass
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    try:
-        fn()
-    except OSError as exc:
-        return exc.errno or 0
-    return 0
 
 
 def seals(fd: int) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from liveupdate import uapi, wire
+from luodtest import errno_of as errno_of  # the conformance tests' import
 from luodtest import kernel_device, linux_exact_luod
 from luodtest import read_all as read_all  # the conformance tests' import
 
@@ -45,16 +46,6 @@ def luod_xfail(reason: str) -> pytest.MarkDecorator:
 
 
 # -- errors -------------------------------------------------------------------
-
-
-def errno_of(fn: Callable[[], Any]) -> int:
-    """Run ``fn`` and return 0, or the errno of the :class:`OSError` it raised."""
-    try:
-        fn()
-    except OSError as exc:
-        assert exc.errno is not None, exc
-        return exc.errno
-    return 0
 
 
 def ename(err: int) -> str:

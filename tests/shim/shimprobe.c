@@ -65,6 +65,23 @@ static void wait_stdin(void)
 		;
 }
 
+/* Open the device, create session NEXT, and exec this program as
+ * "NEXT SESSION-FD DEVICE-FD": it inherits both fds and nothing else. */
+static int exec_with_fds(const char *self, const char *next)
+{
+	char num[16], devnum[16];
+	int dev = open_device(), ses = create(dev, next);
+
+	/* Both are close-on-exec (open asked for it; session fds are, like the
+	 * kernel's): the program lets them through. */
+	fcntl(ses, F_SETFD, 0);
+	fcntl(dev, F_SETFD, 0);
+	snprintf(num, sizeof(num), "%d", ses);
+	snprintf(devnum, sizeof(devnum), "%d", dev);
+	execl("/proc/self/exe", self, next, num, devnum, (char *)NULL);
+	return 127;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd = argc > 1 ? argv[1] : "";
@@ -104,20 +121,8 @@ int main(int argc, char **argv)
 		get_name(ses);
 		return 0;
 	}
-	if (strcmp(cmd, "exec") == 0) {
-		char num[16], devnum[16];
-
-		dev = open_device();
-		ses = create(dev, "execed");
-		/* Both are close-on-exec (open asked for it; session fds are, like
-		 * the kernel's): the program lets them through. */
-		fcntl(ses, F_SETFD, 0);
-		fcntl(dev, F_SETFD, 0);
-		snprintf(num, sizeof(num), "%d", ses);
-		snprintf(devnum, sizeof(devnum), "%d", dev);
-		execl("/proc/self/exe", argv[0], "execed", num, devnum, (char *)NULL);
-		return 127;
-	}
+	if (strcmp(cmd, "exec") == 0)
+		return exec_with_fds(argv[0], "execed");
 	if (strcmp(cmd, "execed") == 0 && argc == 4) {
 		get_name(atoi(argv[2]));
 		create(atoi(argv[3]), "created-after-exec");
@@ -154,18 +159,8 @@ int main(int argc, char **argv)
 		get_name(fd);
 		return 0;
 	}
-	if (strcmp(cmd, "gone-exec") == 0) {
-		char num[16], devnum[16];
-
-		dev = open_device();
-		ses = create(dev, "gone-exec");
-		fcntl(ses, F_SETFD, 0);
-		fcntl(dev, F_SETFD, 0);
-		snprintf(num, sizeof(num), "%d", ses);
-		snprintf(devnum, sizeof(devnum), "%d", dev);
-		execl("/proc/self/exe", argv[0], "gone-execed", num, devnum, (char *)NULL);
-		return 127;
-	}
+	if (strcmp(cmd, "gone-exec") == 0)
+		return exec_with_fds(argv[0], "gone-execed");
 	if (strcmp(cmd, "gone-execed") == 0 && argc == 4) {
 		/* Nothing was asked of luod since the exec: the shim meets these
 		 * fds only after luod went away. */

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cprograms import assert_same_lines, lines_of
 
 import liveupdate
 from liveupdate import uapi
-from luodtest import Luod, read_all
+from luodtest import Luod, errno_of, memfd, read_all
 
 pytestmark = pytest.mark.luod_only
 
@@ -75,24 +76,9 @@ class Lines:
         self.lines.append(f"{id_} skip {why}")
 
 
-def errno_of(fn: Callable[[], object]) -> int:
-    try:
-        fn()
-    except OSError as exc:
-        assert exc.errno is not None, exc
-        return exc.errno
-    return 0
-
-
 def ioctl_errno(target: liveupdate.Device | liveupdate.Session, cmd: int, buf: bytearray) -> int:
     """``target.ioctl(cmd, buf)``: 0 or the errno of the library's exception."""
     return errno_of(lambda: target.ioctl(cmd, buf))
-
-
-def memfd(data: bytes) -> int:
-    fd = os.memfd_create("conformance", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
 
 
 def holds(fd: int, data: bytes) -> bool:
@@ -463,21 +449,8 @@ def test_c_conformance_program_sees_the_python_librarys_errnos(
     luod: Luod, shim_env: dict[str, str], build_c: Callable[[Path], Path]
 ) -> None:
     program = build_c(HERE / "conformance.c")
-    result = subprocess.run(
-        [str(program), "c"],
-        env=shim_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    c_lines = result.stdout.splitlines()
-    py_lines = python_twin(luod.socket, "py")
-    # Line by line, so a failure names the first check that differs.
-    for n, (c_line, py_line) in enumerate(zip(c_lines, py_lines, strict=False)):
-        assert c_line == py_line, f"line {n + 1}: C {c_line!r}, Python {py_line!r}"
-    assert len(c_lines) == len(py_lines)
+    c_lines = lines_of(program, shim_env, "c")
+    assert_same_lines(c_lines, python_twin(luod.socket, "py"), "C against its Python twin")
     results = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in c_lines}
     assert {key: results.get(key) for key in EXPECTED} == EXPECTED
     # Every checked line of A and B says OK or an errno; nothing failed unlabelled.
@@ -515,9 +488,7 @@ def test_the_same_c_binary_on_the_kernel_differs_only_where_documented(
     """The binary without the shim, in the kernel VM against the real
     /dev/liveupdate, prints luod's lines except the documented deviations."""
     program = build_c(HERE / "conformance.c")
-    on_luod = subprocess.run(
-        [str(program), "c"], env=shim_env, capture_output=True, text=True, timeout=60, check=True
-    ).stdout.splitlines()
+    on_luod = lines_of(program, shim_env, "c")
     on_kernel = kernel_ab_lines
     assert len(on_kernel) == len(on_luod), on_kernel[-5:]
     differing = []

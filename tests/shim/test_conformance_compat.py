@@ -12,11 +12,11 @@ line by line: this mode allows no difference at all in these scenarios.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cprograms import assert_same_lines, lines_of
 
 from luodtest import Luod
 
@@ -48,27 +48,12 @@ def luod(luod_factory: Callable[..., Luod]) -> Luod:
     return luod_factory("--compat", "linux")
 
 
-def lines_of(program: Path, env: dict[str, str]) -> list[str]:
-    result = subprocess.run(
-        [str(program), "c"], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
 def answers(lines: list[str]) -> dict[str, str]:
     """``"<id> <step>" -> result``, in order; each key once."""
     pairs = [line.rsplit(" ", 1) for line in lines]
     result = {key: value for key, value in pairs}
     assert len(result) == len(pairs), "a step printed twice"
     return result
-
-
-def assert_same_lines(got: list[str], want: list[str], what: str) -> None:
-    # Line by line, so a failure names the first check that differs.
-    for n, (line, wanted) in enumerate(zip(got, want, strict=False)):
-        assert line == wanted, f"{what}, line {n + 1}: luod {line!r}, wanted {wanted!r}"
-    assert len(got) == len(want), (what, got[-3:], want[-3:])
 
 
 def test_linux_mode_switches_exactly_the_documented_lines(
@@ -79,8 +64,8 @@ def test_linux_mode_switches_exactly_the_documented_lines(
 ) -> None:
     program = build_c(HERE / "conformance.c")
     own = luod_factory()  # luod's own contract, beside the Linux-exact one
-    on_own = answers(lines_of(program, {**shim_env, "LIVEUPDATE_DEVICE": own.socket}))
-    on_linux = answers(lines_of(program, shim_env))
+    on_own = answers(lines_of(program, {**shim_env, "LIVEUPDATE_DEVICE": own.socket}, "c"))
+    on_linux = answers(lines_of(program, shim_env, "c"))
     assert list(on_linux) == list(on_own)
     changed = {key: value for key, value in on_linux.items() if value != on_own[key]}
     assert changed == SWITCHED
@@ -111,7 +96,7 @@ def test_sections_a_and_b_in_linux_mode_print_the_kernels_lines(
     build_c: Callable[[Path], Path],
     kernel_ab_lines: list[str],
 ) -> None:
-    on_luod = lines_of(build_c(HERE / "conformance.c"), shim_env)
+    on_luod = lines_of(build_c(HERE / "conformance.c"), shim_env, "c")
     assert_same_lines(on_luod, kernel_ab_lines, "sections A and B")
 
 

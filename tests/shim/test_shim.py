@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cprograms import lines_of
 
 from luodtest import Luod
 
@@ -25,16 +26,7 @@ def probe(shim_env: dict[str, str], build_c: Callable[[Path], Path]) -> Callable
     program = build_c(HERE / "shimprobe.c")
 
     def run(*args: str) -> list[str]:
-        result = subprocess.run(
-            [str(program), *args],
-            env=shim_env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.splitlines()
+        return lines_of(program, shim_env, *args, timeout=30)
 
     return run
 
@@ -150,15 +142,7 @@ def test_numbers_of_other_shapes_get_linux_answers_from_a_linux_exact_luod(
     # ENOTTY for an nr inside it once the size could be read.
     compat = luod_factory("--compat", "linux")
     env = {**os.environ, "LD_PRELOAD": str(shim_so), "LIVEUPDATE_DEVICE": compat.socket}
-    result = subprocess.run(
-        [str(build_c(HERE / "shimprobe.c")), "errors"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    lines = result.stdout.splitlines()
+    lines = lines_of(build_c(HERE / "shimprobe.c"), env, "errors", timeout=30)
     assert lines[4:10] == [
         "null_arg_unknown_nr: EINVAL",
         "size_zero: EINVAL",
