@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket as socketlib
 import subprocess
@@ -40,6 +41,57 @@ from liveupdate import wire
 TEST_DEVICE_ENV = "LIVEUPDATE_TEST_DEVICE"
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVEUPDATE_SHARED", REPO.parent / "shared"))
+#: The kernel VM kit: ``run-in-vm.sh`` boots a real LUO kernel.
+KERNEL_VM = SHARED / "kernel-vm"
+RUN_IN_VM = KERNEL_VM / "run-in-vm.sh"
+#: The job directory as the guest sees it (``run-in-vm.sh --out``).
+GUEST_JOB = "/run/luo-job"
+#: Set to 1 (CI): a test that needs the VM fails instead of skipping without it.
+REQUIRE_VM_ENV = "LIVEUPDATE_REQUIRE_VM"
+
+
+def vm_missing(kexec: bool = False) -> str | None:
+    """Why the kernel VM cannot run here (``kexec``: a run that kexecs), or ``None``."""
+    if os.environ.get("LUO_STAGE"):
+        return "already running inside the LUO test VM"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed"
+    for path in (RUN_IN_VM, KERNEL_VM / "bzImage"):
+        if not path.exists():
+            return f"{path} is missing (see {KERNEL_VM / 'README.md'})"
+    if kexec and shutil.which("kexec") is None and not Path("/usr/sbin/kexec").exists():
+        return "kexec-tools is not installed"
+    return None
+
+
+def require_vm(kexec: bool = False) -> None:
+    """Skip the calling test when the VM cannot run here; fail it instead
+    with ``LIVEUPDATE_REQUIRE_VM=1`` (CI), where a skip would hide a gap."""
+    import pytest
+
+    reason = vm_missing(kexec)
+    if reason is None:
+        return
+    if os.environ.get(REQUIRE_VM_ENV) == "1":
+        pytest.fail(f"{REQUIRE_VM_ENV}=1 but {reason}")
+    pytest.skip(reason)
+
+
+def guest_bytecode(job: Path, imports: str) -> dict[str, str]:
+    """Compile what the guest will import (the Python statement ``imports``)
+    into ``job/pycache``; the environment that has the guest read it there.
+
+    The guest's root file system is the host's, read-only, and the sources
+    have no ``__pycache__`` when the host runs with PYTHONDONTWRITEBYTECODE:
+    compiling ``liveupdate`` at each boot costs seconds under TCG. The guest
+    reads the host's bytecode through ``PYTHONPYCACHEPREFIX`` and never
+    writes. (Stale or missing bytecode only costs time: Python checks the
+    sources' mtimes.)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(job / "pycache")
+    subprocess.run([sys.executable, "-c", imports], env=env, check=True, timeout=60)
+    return {"PYTHONPYCACHEPREFIX": f"{GUEST_JOB}/pycache"}
 
 
 def kernel_device() -> str | None:

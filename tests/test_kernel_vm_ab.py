@@ -16,10 +16,8 @@ which turns that into a failure. Takes about a minute (TCG, no KVM).
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from luodtest import REPO, SHARED
+from luodtest import REPO, RUN_IN_VM, require_vm
 
 VM_TIMEOUT = 900  # seconds QEMU may run (run-in-vm.sh --timeout)
 
@@ -134,27 +132,13 @@ def _outcomes(junit: Path) -> dict[str, list[tuple[str, str]]]:
 def test_conformance_a_b_pass_against_the_kernel(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    runner = SHARED / "kernel-vm" / "run-in-vm.sh"
-    missing = [
-        what
-        for what, ok in (
-            ("qemu-system-x86_64", shutil.which("qemu-system-x86_64") is not None),
-            (str(runner), runner.is_file()),
-        )
-        if not ok
-    ]
-    if missing:
-        why = f"kernel VM unavailable: {', '.join(missing)} not found"
-        if os.environ.get("LIVEUPDATE_REQUIRE_VM") == "1":
-            pytest.fail(why + " (LIVEUPDATE_REQUIRE_VM=1)")
-        pytest.skip(why)
-
+    require_vm()
     python = REPO / ".venv" / "bin" / "python"
     if not python.exists():
         python = Path(sys.executable)
     job = tmp_path / "job"
     command = [
-        str(runner),
+        str(RUN_IN_VM),
         "--out",
         str(job),
         "--timeout",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -30,52 +29,18 @@ import pytest
 from kvservice import KVCACHE, KvProcess
 from pymemcache.client.base import Client
 
-from luodtest import REPO, SHARED, Luod, luoctl_reboot
+from luodtest import REPO, RUN_IN_VM, Luod, guest_bytecode, luoctl_reboot, require_vm
 
 HERE = Path(__file__).resolve().parent
-KIT = SHARED / "kernel-vm"
-RUN_IN_VM = KIT / "run-in-vm.sh"
 STAGE = HERE / "kexec_stage.py"
-REQUIRE_ENV = "LIVEUPDATE_REQUIRE_VM"
-GUEST_JOB = "/run/luo-job"
-
-
-def vm_missing() -> str | None:
-    """Why the VM cannot run here, or ``None``."""
-    if os.environ.get("LUO_STAGE"):
-        return "already running inside the LUO test VM"
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed"
-    for path in (RUN_IN_VM, KIT / "bzImage"):
-        if not path.exists():
-            return f"{path} is missing (see {KIT / 'README.md'})"
-    if shutil.which("kexec") is None and not Path("/usr/sbin/kexec").exists():
-        return "kexec-tools is not installed"
-    return None
-
-
-def _precompile(job: Path) -> dict[str, str]:
-    """Bytecode for what the guest imports, in ``job/pycache`` (see tests/reboot/vm_stage.py).
-
-    The guest's root is the host's, read-only: without this, each boot
-    compiles liveupdate and pymemcache again under TCG.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(job / "pycache")
-    code = "import liveupdate.kvcache.main, liveupdate.client.device, pymemcache.client.base"
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
-    return {"PYTHONPYCACHEPREFIX": f"{GUEST_JOB}/pycache"}
 
 
 @pytest.mark.vm
 def test_arena_survives_a_real_kexec(tmp_path: Path) -> None:
     """Items stored before a kexec are all served after it, from the memfd the kernel kept."""
-    reason = vm_missing()
-    if reason is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
-        pytest.skip(reason)
-    guest_env = {"PYTHONDONTWRITEBYTECODE": "1", **_precompile(tmp_path)}
+    require_vm(kexec=True)
+    imports = "import liveupdate.kvcache.main, liveupdate.client.device, pymemcache.client.base"
+    guest_env = {"PYTHONDONTWRITEBYTECODE": "1", **guest_bytecode(tmp_path, imports)}
     command = [
         str(RUN_IN_VM), "--kexec", "--out", str(tmp_path),
         *shlex.split(os.environ.get("LIVEUPDATE_VM_ARGS", "")),

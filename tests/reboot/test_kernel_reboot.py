@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -30,32 +29,13 @@ from typing import Any
 import pytest
 from scenarios import SCENARIOS, Obs, diff, kernel_scenarios, stage_count
 
-from luodtest import REPO, SHARED
+from luodtest import REPO, RUN_IN_VM, guest_bytecode, require_vm
 
 pytestmark = pytest.mark.vm
 
 HERE = Path(__file__).resolve().parent
-KIT = SHARED / "kernel-vm"
-RUN_IN_VM = KIT / "run-in-vm.sh"
 VM_STAGE = HERE / "vm_stage.py"
-REQUIRE_ENV = "LIVEUPDATE_REQUIRE_VM"
-#: The job directory as the guest sees it (``run-in-vm.sh --out``).
-GUEST_JOB = "/run/luo-job"
 KERNEL_IDS = [s.id for s in kernel_scenarios()]
-
-
-def missing_requirement() -> str | None:
-    """Why the VM cannot run here, or ``None``."""
-    if os.environ.get("LUO_STAGE"):
-        return "already running inside the LUO test VM"
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed"
-    for path in (RUN_IN_VM, KIT / "bzImage"):
-        if not path.exists():
-            return f"{path} is missing (see {KIT / 'README.md'})"
-    if shutil.which("kexec") is None and not Path("/usr/sbin/kexec").exists():
-        return "kexec-tools is not installed"
-    return None
 
 
 @dataclass
@@ -66,34 +46,14 @@ class VmRun:
     console: str = ""
 
 
-def _precompile(job: Path) -> dict[str, str]:
-    """Bytecode for everything ``vm_stage.py`` imports, in ``job/pycache``.
-
-    The guest's root file system is the host's, read-only, and the sources
-    have no ``__pycache__`` when the host runs with PYTHONDONTWRITEBYTECODE:
-    compiling ``liveupdate`` at each of the three boots costs seconds under
-    TCG. The host writes the bytecode once into the job directory; the guest
-    reads it through ``PYTHONPYCACHEPREFIX`` and never writes. (Stale or
-    missing bytecode only costs time: Python checks the sources' mtimes.)
-    """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(job / "pycache")
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import vm_stage"
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
-    return {"PYTHONPYCACHEPREFIX": f"{GUEST_JOB}/pycache"}
-
-
 @pytest.fixture(scope="module")
 def vm_run(tmp_path_factory: pytest.TempPathFactory) -> VmRun:
     """Boot the VM once: stage 1, kexec, stage 2, kexec, stage 3."""
-    reason = missing_requirement()
-    if reason is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
-        pytest.skip(reason)
+    require_vm(kexec=True)
     job = tmp_path_factory.mktemp("kernel-vm-job")
     stages = stage_count(kernel_scenarios())
-    guest_env = {"PYTHONDONTWRITEBYTECODE": "1", **_precompile(job)}
+    imports = f"import sys; sys.path.insert(0, {str(HERE)!r}); import vm_stage"
+    guest_env = {"PYTHONDONTWRITEBYTECODE": "1", **guest_bytecode(job, imports)}
     command = [
         str(RUN_IN_VM),
         "--stages",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from liveupdate import shim
-from luodtest import REPO, SHARED, Luod, luoctl_reboot
+from luodtest import REPO, RUN_IN_VM, Luod, luoctl_reboot, require_vm
 
 pytestmark = pytest.mark.luod_only
 
@@ -96,20 +96,9 @@ def run_stages() -> RunStages:
     return _run_stages
 
 
-def _vm_runner() -> Path:
-    """``run-in-vm.sh``; skips (fails with ``LIVEUPDATE_REQUIRE_VM=1``) without a VM."""
-    runner = SHARED / "kernel-vm" / "run-in-vm.sh"
-    if shutil.which("qemu-system-x86_64") is None or not runner.is_file():
-        why = "kernel VM unavailable"
-        if os.environ.get("LIVEUPDATE_REQUIRE_VM") == "1":
-            pytest.fail(why + " (LIVEUPDATE_REQUIRE_VM=1)")
-        pytest.skip(why)
-    return runner
-
-
 def _in_vm(job: Path, guest: str, *options: str) -> str:
     """Run the shell command ``guest`` in the kernel VM; the console's tail."""
-    command = [str(_vm_runner()), *options, "--out", str(job), "--timeout", "600"]
+    command = [str(RUN_IN_VM), *options, "--out", str(job), "--timeout", "600"]
     proc = subprocess.run(
         [*command, "--", "sh", "-c", guest],
         stdin=subprocess.DEVNULL,
@@ -128,7 +117,7 @@ def kernel_ab_lines(
     build_c: Callable[[Path], Path], tmp_path_factory: pytest.TempPathFactory
 ) -> list[str]:
     """``conformance c``'s lines without the shim, on Linux's /dev/liveupdate."""
-    _vm_runner()
+    require_vm()
     program = build_c(HERE / "conformance.c")
     job = tmp_path_factory.mktemp("vm-ab") / "job"
     tail = _in_vm(
@@ -144,7 +133,7 @@ def kernel_c_lines(
     build_c: Callable[[Path], Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[str], list[str]]:
     """``conformance_c``'s two stages without the shim, across a real kexec."""
-    _vm_runner()
+    require_vm(kexec=True)
     program = shlex.quote(str(build_c(HERE / "conformance_c.c")))
     job = tmp_path_factory.mktemp("vm-c") / "job"
     guest = (
