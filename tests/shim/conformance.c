@@ -22,65 +22,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <liveupdate/luo.h>
+#include "conformance.h"
 
-#define DEVICE "/dev/liveupdate"
 #define B13_FILES 500
-
-static const char *prefix;
-
-static void line(const char *id, const char *step, int err)
-{
-	printf("%s %s %s\n", id, step, err ? strerrorname_np(err) : "OK");
-	fflush(stdout);
-}
-
-static void verdict(const char *id, const char *step, int ok)
-{
-	printf("%s %s %s\n", id, step, ok ? "OK" : "MISMATCH");
-	fflush(stdout);
-}
-
-static void skip(const char *id, const char *why)
-{
-	printf("%s skip %s\n", id, why);
-}
-
-/* ioctl(): 0 or its errno. */
-static int call(int fd, unsigned long cmd, void *arg)
-{
-	return ioctl(fd, cmd, arg) < 0 ? errno : 0;
-}
-
-static void session_name(char *out, const char *suffix)
-{
-	snprintf(out, LIVEUPDATE_SESSION_NAME_LENGTH, "%s-%s", prefix, suffix);
-}
 
 static int open_device(void)
 {
 	int fd = open(DEVICE, O_RDWR | O_CLOEXEC);
 
 	return fd < 0 ? -errno : fd;
-}
-
-/* CREATE_SESSION "PREFIX-suffix": 0 and *out, or the errno. */
-static int create(int dev, const char *suffix, int *out)
-{
-	struct liveupdate_ioctl_create_session cs = { .size = sizeof(cs), .fd = -1 };
-	int err;
-
-	session_name((char *)cs.name, suffix);
-	err = call(dev, LIVEUPDATE_IOCTL_CREATE_SESSION, &cs);
-	*out = err ? -1 : cs.fd;
-	return err;
-}
-
-static int preserve(int session, int fd, __u64 token)
-{
-	struct liveupdate_session_preserve_fd pf = { .size = sizeof(pf), .fd = fd, .token = token };
-
-	return call(session, LIVEUPDATE_SESSION_PRESERVE_FD, &pf);
 }
 
 static int memfd(const char *data)

@@ -31,43 +31,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <liveupdate/luo.h>
+#include "conformance.h"
 
-#define DEVICE "/dev/liveupdate"
 #define C4_FILES 500
 #define C5_BYTES (1 << 20)
 #define C7_SIZE 4096
-
-static const char *prefix;
-
-static void line(const char *id, const char *step, int err)
-{
-	printf("%s %s %s\n", id, step, err ? strerrorname_np(err) : "OK");
-	fflush(stdout);
-}
-
-static void verdict(const char *id, const char *step, int ok)
-{
-	printf("%s %s %s\n", id, step, ok ? "OK" : "MISMATCH");
-	fflush(stdout);
-}
-
-static void skip(const char *id, const char *why)
-{
-	printf("%s skip %s\n", id, why);
-	fflush(stdout);
-}
 
 static void die(const char *what)
 {
 	perror(what);
 	exit(2);
-}
-
-/* ioctl(): 0 or its errno. */
-static int call(int fd, unsigned long cmd, void *arg)
-{
-	return ioctl(fd, cmd, arg) < 0 ? errno : 0;
 }
 
 static int open_device(void)
@@ -81,34 +54,9 @@ static int open_device(void)
 	return fd;
 }
 
-/* CREATE_SESSION or RETRIEVE_SESSION "PREFIX-suffix": 0 and *out, or the errno. */
-static int session(int dev, unsigned long cmd, const char *suffix, int *out)
-{
-	struct liveupdate_ioctl_create_session s = { .size = sizeof(s), .fd = -1 };
-	int err;
-
-	/* Both structs are {size, fd, name}; the size is the same. */
-	snprintf((char *)s.name, sizeof(s.name), "%s-%s", prefix, suffix);
-	err = call(dev, cmd, &s);
-	*out = err ? -1 : s.fd;
-	return err;
-}
-
-static int create(int dev, const char *suffix, int *out)
-{
-	return session(dev, LIVEUPDATE_IOCTL_CREATE_SESSION, suffix, out);
-}
-
 static int retrieve(int dev, const char *suffix, int *out)
 {
-	return session(dev, LIVEUPDATE_IOCTL_RETRIEVE_SESSION, suffix, out);
-}
-
-static int preserve(int s, int fd, __u64 token)
-{
-	struct liveupdate_session_preserve_fd pf = { .size = sizeof(pf), .fd = fd, .token = token };
-
-	return call(s, LIVEUPDATE_SESSION_PRESERVE_FD, &pf);
+	return session_call(dev, LIVEUPDATE_IOCTL_RETRIEVE_SESSION, suffix, out);
 }
 
 static int retrieve_fd(int s, __u64 token, int *out)
