@@ -54,6 +54,7 @@ __all__ = [
     "RebootHost",
     "RebootTimes",
     "StateListener",
+    "sealed_memfd",
 ]
 
 LuoState = uapi.LuodState
@@ -368,9 +369,10 @@ def describe_session(session: Session, with_files: bool) -> dict[str, object]:
     return desc
 
 
-def _sealed_memfd(data: bytes) -> int:
-    """A read-only memfd holding ``data``, sealed so nobody can change it."""
-    fd = os.memfd_create("luod-listing", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def sealed_memfd(data: bytes, name: str = "luod-listing") -> int:
+    """A read-only memfd holding ``data``, sealed so nobody can change it,
+    positioned at its start (a listing, a state snapshot for the copies)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)
         while view:
@@ -411,7 +413,7 @@ def _list_sessions(call: DeviceCall, arg: ctypes.Structure) -> int:
     arg.count = len(visible)
     arg.hidden = len(sessions) - len(visible)
     arg.fd = -1
-    return _sealed_memfd(json.dumps(doc).encode())
+    return sealed_memfd(json.dumps(doc).encode())
 
 
 #: The device ioctls of this module; see :mod:`liveupdate.core.tables` for the table.

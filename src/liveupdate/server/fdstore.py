@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 
 from liveupdate.core import reboot
 from liveupdate.core.file import HandlerRegistry, PreservedFile
-from liveupdate.core.luo import Hooks, Orchestrator
+from liveupdate.core.luo import Hooks, Orchestrator, sealed_memfd
 from liveupdate.core.policy import Limits
 from liveupdate.core.session import Session, session_record
 from liveupdate.events import event
@@ -62,7 +61,6 @@ __all__ = [
     "delta_line",
     "read_memfd",
     "recover",
-    "sealed_memfd",
     "snapshot",
 ]
 
@@ -149,19 +147,8 @@ def snapshot(luo: Orchestrator, writer: str = "", seq: int = 0) -> Snapshot:
     return Snapshot(MAGIC + json.dumps(header).encode() + b"\n" + b"".join(parts), files)
 
 
-def sealed_memfd(data: bytes, name: str = "luod-state") -> int:
-    """A read-only memfd holding ``data`` (how a snapshot travels and is kept)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+#: The name of the memfd a state snapshot travels in.
+STATE_MEMFD_NAME = "luod-state"
 
 
 def read_memfd(fd: int) -> bytes:
@@ -749,7 +736,7 @@ class FdStoreCopies(Copies):
         for name, fd in adds.items():
             if not systemd.notify_fds(["FDSTORE=1", f"FDNAME={name}"], [fd]):
                 raise OSError(errno.EPIPE, "the service manager refused an fd")
-        memfd = sealed_memfd(state)
+        memfd = sealed_memfd(state, STATE_MEMFD_NAME)
         try:
             slot = self._state_slot
             if not systemd.notify_fds(["FDSTORE=1", f"FDNAME={STATE_NAME}-{slot}"], [memfd]):

@@ -40,8 +40,9 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from liveupdate.core.luo import sealed_memfd
 from liveupdate.core.policy import Limits, fd_reserve
-from liveupdate.server.fdstore import Copies, sealed_memfd
+from liveupdate.server.fdstore import STATE_MEMFD_NAME, Copies
 from liveupdate.uapi import LuodCopies
 
 __all__ = [
@@ -470,7 +471,7 @@ class KeeperCopies(Copies):
         for start in range(0, len(items), MAX_FDS):
             batch = items[start : start + MAX_FDS]
             send(self.sock, {"op": "add", "names": [n for n, _ in batch]}, [fd for _, fd in batch])
-        memfd = sealed_memfd(state)
+        memfd = sealed_memfd(state, STATE_MEMFD_NAME)
         try:
             send(self.sock, {"op": "commit"}, [memfd])
         finally:
