@@ -128,9 +128,7 @@ def main() -> None:
     parser.add_argument("--out", help="result file (default bench/results/echo_update.json)")
     args = parser.parse_args()
     updates = 3 if args.quick else args.updates
-    results_dir, _plots = resultfile.output_dirs(
-        args.quick, os.path.dirname(args.out) if args.out else None, None
-    )
+    results_dir, name, _plots = resultfile.destination(args.quick, args.out, None, "echo_update")
     machine = resultfile.machine()
     work = Path(tempfile.mkdtemp(prefix="echo-legacy-"))
     legacy = work / "echo_service.py"
@@ -150,7 +148,6 @@ def main() -> None:
                          round(calm * 1000, 1)])  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    name = Path(args.out).stem if args.out else "echo_update"
     path = resultfile.write(
         results_dir,
         name,

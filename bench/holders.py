@@ -832,8 +832,8 @@ def main() -> None:
         fdstore_peer(args.fdstore_peer, args.main_pid)
         return
     count, repeat = (100, 2) if args.quick else (args.fds, args.repeat)
-    results_dir, plots_dir = resultfile.output_dirs(
-        args.quick, os.path.dirname(args.out) if args.out else None, args.plots
+    results_dir, stem, plots_dir = resultfile.destination(
+        args.quick, args.out, args.plots, "holders"
     )
     machine = resultfile.machine()
     ways, samples = run(count, repeat)
@@ -894,8 +894,8 @@ def main() -> None:
                "retrieve ms", "total ms", "store / floor", "retrieve / floor", "total / floor",
                "fds back intact"]  # fmt: skip
     path = resultfile.write(
-        results_dir if args.out is None else Path(args.out).parent,
-        "holders" if args.out is None else Path(args.out).stem,
+        results_dir,
+        stem,
         "fd holders: s6-fdholder, systemd's fd store and luod",
         machine,
         [resultfile.table(caption, columns, table_rows)],

@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default=None, help="result file or directory to write")
+    parser.add_argument("--out", help="result file (default bench/results/participants.json)")
     parser.add_argument("--plots", default=None, help="directory for the plot")
     args = parser.parse_args()
     counts = [0, 1, 4] if args.quick else [0, 1, 8, 32]
@@ -220,19 +220,12 @@ def main() -> None:
             rows,
         )
     ]
-    if args.out and args.out.endswith(".json"):
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        png = out.parent / f"{out.stem}.png"
-        plot(medians, png)
-        written = resultfile.write(out.parent, out.stem, TITLE, machine, tables, goals, [png])
-        if written != out:
-            written.rename(out)
-    else:
-        results_dir, plots_dir = resultfile.output_dirs(args.quick, args.out, args.plots)
-        png = plots_dir / "participants.png"
-        plot(medians, png)
-        resultfile.write(results_dir, "participants", TITLE, machine, tables, goals, [png])
+    results_dir, stem, plots_dir = resultfile.destination(
+        args.quick, args.out, args.plots, "participants"
+    )
+    png = plots_dir / "participants.png"
+    plot(medians, png)
+    resultfile.write(results_dir, stem, TITLE, machine, tables, goals, [png])
 
 
 def plot(medians: dict[int, tuple[float, float]], path: Path) -> None:

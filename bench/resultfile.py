@@ -50,6 +50,18 @@ def output_dirs(quick: bool, out: str | None, plots: str | None) -> tuple[Path, 
     return results_dir, plots_dir
 
 
+def destination(
+    quick: bool, out: str | None, plots: str | None, name: str
+) -> tuple[Path, str, Path]:
+    """Where a benchmark given ``--out FILE`` (``None``: the recorded place)
+    and ``--plots DIR`` writes: its results' directory, the result file's
+    stem (``name`` by default), and its plots' directory."""
+    results_dir, plots_dir = output_dirs(quick, os.path.dirname(out) if out else None, plots)
+    if out:
+        return Path(out).parent, Path(out).stem, plots_dir
+    return results_dir, name, plots_dir
+
+
 def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (as the docs refer to it)."""
     try:

@@ -257,8 +257,8 @@ def main() -> None:
     parser.add_argument("--plots", help="directory for the plot")
     args = parser.parse_args()
     reboots, window = (3, 1.5) if args.quick else (10, 8.0)
-    results_dir, plots_dir = resultfile.output_dirs(
-        args.quick, os.path.dirname(args.out) if args.out else None, args.plots
+    results_dir, stem, plots_dir = resultfile.destination(
+        args.quick, args.out, args.plots, "supervised"
     )
     machine = resultfile.machine()
     setup = Setup()
@@ -294,8 +294,8 @@ def main() -> None:
     png = plots_dir / "supervised.png"
     plot(rows, png)
     path = resultfile.write(
-        results_dir if args.out is None else Path(args.out).parent,
-        "supervised" if args.out is None else Path(args.out).stem,
+        results_dir,
+        stem,
         "A supervised service across luod's live updates",
         machine,
         [

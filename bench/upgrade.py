@@ -711,8 +711,8 @@ def main() -> None:
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
     per_thread = 2000 if args.quick else 50000
-    results_dir, plots_dir = resultfile.output_dirs(
-        args.quick, os.path.dirname(args.out) if args.out else None, args.plots
+    results_dir, stem, plots_dir = resultfile.destination(
+        args.quick, args.out, args.plots, "upgrade"
     )
     machine = resultfile.machine()
     work = Path(tempfile.mkdtemp(prefix="bench-upgrade-"))
@@ -759,8 +759,8 @@ def main() -> None:
     png = plots_dir / "upgrade.png"
     plot(outcomes, png)
     path = resultfile.write(
-        results_dir if args.out is None else Path(args.out).parent,
-        "upgrade" if args.out is None else Path(args.out).stem,
+        results_dir,
+        stem,
         "A cache upgraded under load: kvcache against memcached",
         machine,
         [
