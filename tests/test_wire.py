@@ -470,3 +470,22 @@ def test_a_buffer_of_another_size_is_refused(pair: tuple[socket.socket, socket.s
     with pytest.raises(ValueError, match="16 bytes given for 64"):
         wire.recv_message(b, 64, buffer=bytearray(16))
     assert wire.recv_message(b, 64).data == b"kept"  # nothing was read
+
+
+def test_rights_and_fds_of_carry_fds_through_any_sendmsg() -> None:
+    assert wire.rights([]) == []
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        a.sendmsg([b"x"], wire.rights([r, w]))
+        _data, ancdata, _flags, _addr = b.recvmsg(16, socket.CMSG_SPACE(8), socket.MSG_CMSG_CLOEXEC)
+        got = wire.fds_of(ancdata)
+        assert len(got) == 2
+        for x, y in zip(got, [r, w], strict=True):
+            assert os.path.samestat(os.fstat(x), os.fstat(y))
+        wire.close_fds(got)
+        assert wire.fds_of([(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, bytes(12))]) == []
+    finally:
+        wire.close_fds([r, w])
+        a.close()
+        b.close()

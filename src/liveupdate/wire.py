@@ -62,8 +62,10 @@ __all__ = [
     "encode_hello",
     "encode_reply",
     "encode_request",
+    "fds_of",
     "parse_hello",
     "recv_message",
+    "rights",
     "send_message",
 ]
 
@@ -258,14 +260,27 @@ def close_fds(fds: Sequence[int]) -> None:
             pass
 
 
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """``fds`` as the ancillary data of one ``sendmsg``: one ``SCM_RIGHTS``
+    record, or none for no fd."""
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def fds_of(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of every ``SCM_RIGHTS`` record in ``recvmsg``'s ancillary data
+    (a record cut short keeps its whole fds; any other record is ignored)."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % _INT_SIZE]))
+    return fds
+
+
 def send_message(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     """Send one message with ``fds`` attached as a single ``SCM_RIGHTS`` record."""
     if len(fds) > MAX_FDS_PER_MESSAGE:
         raise ValueError(f"at most {MAX_FDS_PER_MESSAGE} fds fit in one message")
-    if fds:
-        sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())])
-    else:
-        sock.sendmsg([data])
+    sock.sendmsg([data], rights(fds))
 
 
 @dataclass(slots=True)
@@ -324,19 +339,16 @@ def recv_message(
         anc + _ANC_CREDS if creds else anc,
         flags | _RECV_FLAGS,
     )
-    fds: list[int] = []
     sender = None
     for level, kind, payload in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _INT_SIZE
-            fds.extend(array.array("i", payload[:usable]))
-        # Anything else AF_UNIX may attach (SCM_SECURITY...) is ignored.
-        elif kind == _SCM_CREDENTIALS:  # pragma: no branch
+        # SCM_RIGHTS records are fds_of's; anything else AF_UNIX may attach
+        # (SCM_SECURITY...) is ignored.
+        if level == _SOL_SOCKET and kind == _SCM_CREDENTIALS:
             sender = _CREDS.unpack_from(payload)
     return Message(
         bytes(memoryview(buffer)[: min(nbytes, bufsize)]),
         nbytes,
-        fds,
+        fds_of(ancdata) if ancdata else [],
         bool(msg_flags & _MSG_CTRUNC),
         sender,
     )

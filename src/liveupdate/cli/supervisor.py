@@ -56,6 +56,7 @@ import time
 from collections.abc import Sequence
 
 import liveupdate
+from liveupdate import wire
 from liveupdate.client.service import (
     NEXT_SESSION_FD_ENV,
     PRESTARTED_STATE,
@@ -546,22 +547,19 @@ class Supervisor:
 
         An empty kind means the service closed its end (it exited).
         """
-        fds = array.array("i")
         try:
             data, ancdata, flags, _addr = sock.recvmsg(
                 SupervisorMessage.SIZE,
-                socket.CMSG_SPACE(fds.itemsize),
+                socket.CMSG_SPACE(array.array("i").itemsize),
                 socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT,
             )
         except BlockingIOError:
             return None
-        for level, ctype, payload in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        fds = wire.fds_of(ancdata)
         if flags & socket.MSG_CTRUNC:
             _say("a message from the service lost its file (MSG_CTRUNC): out of fds?")
         token = int.from_bytes(data[1 : SupervisorMessage.SIZE], "little")
-        return data[:1], token, list(fds)
+        return data[:1], token, fds
 
     def _serve_control(self) -> None:
         """Handle every message waiting from the service's library; never blocks."""
@@ -648,10 +646,8 @@ class Supervisor:
         if not self.attached:
             self.control.sendmsg([supervisor_message(SupervisorMessage.AWAY)])
             return
-        fd = array.array("i", [self.outgoing.fileno()]).tobytes()
         self.control.sendmsg(
-            [supervisor_message(SupervisorMessage.SESSION)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd)],
+            [supervisor_message(SupervisorMessage.SESSION)], wire.rights([self.outgoing.fileno()])
         )
         self.handed_out = True
 
@@ -873,7 +869,7 @@ class Supervisor:
                     self.pending_control.sendmsg([tokens_message(chunk)])
             self.pending_control.sendmsg(
                 [supervisor_message(SupervisorMessage.GO, int(self.state))],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+                wire.rights(fds),
             )
         except OSError:
             return False

@@ -50,7 +50,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from liveupdate import uapi
+from liveupdate import uapi, wire
 from liveupdate.client.device import HasFileno, Session, open_device
 from liveupdate.client.errors import (
     AlreadyExistsError,
@@ -243,12 +243,9 @@ class InheritedSession:
     def _tell(self, kind: bytes, token: int, fd: int | None = None) -> None:
         if self.supervisor is None:
             return
-        ancillary = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            if fd is not None
-            else []
+        self.supervisor.sendmsg(
+            [supervisor_message(kind, token)], wire.rights([] if fd is None else [fd])
         )
-        self.supervisor.sendmsg([supervisor_message(kind, token)], ancillary)
 
     def _rebind(self) -> bool:
         """Put the session's current fd (from the supervisor) under ``outgoing``'s fd number.
@@ -258,13 +255,12 @@ class InheritedSession:
         """
         assert self.supervisor is not None
         self.supervisor.sendmsg([supervisor_message(SupervisorMessage.SESSION)])
-        fds = array.array("i")
         data, ancdata, flags, _addr = self.supervisor.recvmsg(
-            SupervisorMessage.SIZE, socket.CMSG_SPACE(fds.itemsize), socket.MSG_CMSG_CLOEXEC
+            SupervisorMessage.SIZE,
+            socket.CMSG_SPACE(array.array("i").itemsize),
+            socket.MSG_CMSG_CLOEXEC,
         )
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        fds = wire.fds_of(ancdata)
         if not data:
             raise ConnectionError("the supervisor closed its socket")
         if data[:1] != SupervisorMessage.SESSION or len(fds) != 1 or flags & socket.MSG_CTRUNC:

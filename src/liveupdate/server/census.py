@@ -15,7 +15,6 @@ it decides on, each with one system interface:
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from liveupdate import wire
 from liveupdate.core.handlers.socket import borrowed
 from liveupdate.events import event
 
@@ -137,13 +137,8 @@ def _peek_queue(fd: int) -> list[int]:
                     )
                 except OSError:
                     break  # EAGAIN: the end of the queue
-                got = 0
-                for level, kind, raw in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        ints = array.array("i")
-                        ints.frombytes(raw[: len(raw) - len(raw) % ints.itemsize])
-                        fds.extend(ints)
-                        got += len(ints)
+                got = wire.fds_of(ancdata)
+                fds.extend(got)
                 if not data and not got:
                     break  # an orderly shutdown of a stream peer
         finally:

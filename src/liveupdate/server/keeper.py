@@ -27,7 +27,6 @@ what it sent: the keeper never dies of its input.
 
 from __future__ import annotations
 
-import array
 import ctypes
 import errno
 import json
@@ -40,6 +39,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from liveupdate import wire
 from liveupdate.core.luo import sealed_memfd
 from liveupdate.core.policy import Limits, fd_reserve
 from liveupdate.server.fdstore import STATE_MEMFD_NAME, Copies
@@ -74,8 +74,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 def send(sock: socket.socket, header: Mapping[str, object], fds: Sequence[int] = ()) -> None:
     """One message: ``header`` as JSON and up to :data:`MAX_FDS` fds."""
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([json.dumps(header).encode()], ancillary)
+    sock.sendmsg([json.dumps(header).encode()], wire.rights(fds))
 
 
 def receive(
@@ -86,11 +85,7 @@ def receive(
     none is queued."""
     recv_flags = socket.MSG_CMSG_CLOEXEC | (socket.MSG_DONTWAIT if nowait else 0)
     data, ancdata, flags, _addr = sock.recvmsg(MAX_MESSAGE, _CMSG_SPACE, recv_flags)
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    fds = wire.fds_of(ancdata)
     try:
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
             raise ValueError("a truncated message")

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from collections.abc import Sequence
+
+from liveupdate import wire
 
 __all__ = ["SD_LISTEN_FDS_START", "fd_store_enabled", "listen_fds", "notify", "notify_fds"]
 
@@ -36,10 +37,9 @@ def notify_fds(assignments: Sequence[str], fds: Sequence[int]) -> bool:
         return False
     if path.startswith("@"):
         path = "\0" + path[1:]
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendmsg(["\n".join(assignments).encode()], ancillary, 0, path)
+            sock.sendmsg(["\n".join(assignments).encode()], wire.rights(fds), 0, path)
     except OSError:
         return False
     return True
