@@ -71,7 +71,7 @@ from typing import IO
 import resultfile
 
 import liveupdate
-from liveupdate import uapi
+from liveupdate import uapi, wire
 
 #: The most fds one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
 SCM_MAX_FD = 253
@@ -157,16 +157,6 @@ def intact(fds: list[int], names: list[str], nonce: str) -> int:
     return sum(
         os.pread(fd, 4096, 0) == content(nonce, name) for fd, name in zip(fds, names, strict=True)
     )
-
-
-def fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-            fds.extend(got)
-    return fds
 
 
 def start_with_fds(fds: list[int], names: list[str], argv: list[str], stdout: int) -> int:
@@ -269,7 +259,7 @@ class SocketPairFloor(Way):
         self.sock.send(b"R")
         while True:
             data, anc, flags, _ = self.sock.recvmsg(16, room, socket.MSG_CMSG_CLOEXEC)
-            self.back.extend(fds_of(anc))
+            self.back.extend(wire.fds_of(anc))
             if flags & socket.MSG_CTRUNC:
                 raise RuntimeError("fds lost: the control message was truncated")
             if data == b"E":
@@ -497,8 +487,7 @@ class SystemdFdStore(Way):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def notify(self, text: str, fds: list[int]) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        self.sock.sendmsg([text.encode()], anc if fds else [], 0, self.address)
+        self.sock.sendmsg([text.encode()], wire.rights(fds), 0, self.address)
 
     def store(self, memfds: Memfds) -> float:
         start = time.perf_counter()
@@ -559,7 +548,7 @@ def fdstore_peer(address: str, main_pid: int) -> None:
 
     def handle(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
         nonlocal refused
-        fds = fds_of(ancdata)
+        fds = wire.fds_of(ancdata)
         sender = next(
             (
                 int.from_bytes(payload[:4], sys.byteorder)

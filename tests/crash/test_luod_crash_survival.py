@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import liveupdate
+from liveupdate import wire
 from luodtest import Luod, copies_settled, events, memfd, running, wait_for
 
 SESSIONS = 10
@@ -239,12 +240,7 @@ class FdStorePeer:
                 data, ancdata, flags, _ = self.sock.recvmsg(65536, room, socket.MSG_CMSG_CLOEXEC)
             except TimeoutError:
                 continue
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                    fds.extend(got)
+            fds = wire.fds_of(ancdata)
             with self.lock:
                 if flags & socket.MSG_CTRUNC:
                     self.truncated += 1
