@@ -20,36 +20,13 @@ the device; any failure of these interfaces just means "not found".
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import struct
 from dataclasses import dataclass
+
+from liveupdate import sockdiag
 
 __all__ = ["Holder", "Holders", "device_holders"]
 
-# <linux/netlink.h>, <linux/sock_diag.h>, <linux/unix_diag.h>
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 0x01
-_NLM_F_DUMP = 0x300
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_UDIAG_SHOW_VFS = 0x02
-_UDIAG_SHOW_PEER = 0x04
-_UNIX_DIAG_VFS = 1
-_UNIX_DIAG_PEER = 2
-_TCP_ESTABLISHED = 1
-_NOCOOKIE = 0xFFFFFFFF
-_NLMSGHDR = struct.Struct("=IHHII")
-#: struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2].
-_REQUEST = struct.Struct("=BBHIII2I")
-#: struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
-_MESSAGE = struct.Struct("=BBBBI2I")
-_RTATTR = struct.Struct("=HH")
-#: struct unix_diag_vfs: inode and device of the bound socket file.
-_VFS = struct.Struct("=II")
-#: Bounds: a dump of a busy host's Unix sockets is a few MiB at most.
-_MAX_DUMP_BYTES = 64 << 20
 _COMMAND_LENGTH = 120
 
 
@@ -91,75 +68,6 @@ def _kernel_dev(st_dev: int) -> int:
     return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
-def _established_unix_sockets() -> list[tuple[int, tuple[int, int] | None, int]]:
-    """``(inode, (vfs inode, kernel dev) or None, peer inode)`` of every established
-    Unix socket in this network namespace; empty when sock_diag is unavailable."""
-    try:
-        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
-    except OSError:
-        return []
-    found: list[tuple[int, tuple[int, int] | None, int]] = []
-    with nl:
-        req = _REQUEST.pack(
-            socket.AF_UNIX,
-            0,
-            0,
-            1 << _TCP_ESTABLISHED,
-            0,
-            _UDIAG_SHOW_VFS | _UDIAG_SHOW_PEER,
-            _NOCOOKIE,
-            _NOCOOKIE,
-        )
-        hdr = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
-        )
-        try:
-            nl.settimeout(2.0)  # the kernel answers at once; never hang luoctl
-            nl.sendto(hdr + req, (0, 0))
-            total = 0
-            while total < _MAX_DUMP_BYTES:
-                data = nl.recv(1 << 16)
-                if not data:
-                    break
-                total += len(data)
-                if _parse_dump(data, found):
-                    break
-        except OSError:
-            return found
-    return found
-
-
-def _parse_dump(data: bytes, found: list[tuple[int, tuple[int, int] | None, int]]) -> bool:
-    """Append the sockets of one datagram of the dump; True at its end."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
-            return True  # malformed: stop rather than guess
-        if kind in (_NLMSG_DONE, _NLMSG_ERROR):
-            return True
-        body = offset + _NLMSGHDR.size
-        if length >= _NLMSGHDR.size + _MESSAGE.size:
-            inode = _MESSAGE.unpack_from(data, body)[4]
-            vfs: tuple[int, int] | None = None
-            peer = 0
-            attr = body + _MESSAGE.size
-            end = offset + length
-            while attr + _RTATTR.size <= end:
-                alen, atype = _RTATTR.unpack_from(data, attr)
-                if alen < _RTATTR.size or attr + alen > end:
-                    break
-                payload = attr + _RTATTR.size
-                if atype == _UNIX_DIAG_VFS and alen >= _RTATTR.size + _VFS.size:
-                    vfs = _VFS.unpack_from(data, payload)
-                elif atype == _UNIX_DIAG_PEER and alen >= _RTATTR.size + 4:
-                    (peer,) = struct.unpack_from("=I", data, payload)
-                attr += (alen + 3) & ~3
-            found.append((inode, vfs, peer))
-        offset += (length + 3) & ~3
-    return False
-
-
 def _peers_of_listener(path: str) -> set[int]:
     """Inodes of the client ends of the connections accepted on the socket ``path``."""
     try:
@@ -167,7 +75,10 @@ def _peers_of_listener(path: str) -> set[int]:
     except OSError:
         return set()
     bound = (st.st_ino, _kernel_dev(st.st_dev))
-    return {peer for _inode, vfs, peer in _established_unix_sockets() if vfs == bound and peer}
+    established = sockdiag.unix_sockets(
+        sockdiag.SHOW_VFS | sockdiag.SHOW_PEER, sockdiag.ESTABLISHED, timeout=2.0
+    )
+    return {s.peer for s in established if s.vfs == bound and s.peer}
 
 
 def _command(pid: int) -> str:

@@ -19,31 +19,16 @@ import logging
 import os
 import socket
 import stat
-import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from liveupdate import wire
+from liveupdate import sockdiag, wire
 from liveupdate.core.handlers.socket import borrowed
 from liveupdate.events import event
 
 __all__ = ["Census", "inodes_in_queues", "take_census", "unix_peer_inode"]
 
-# <linux/netlink.h>, <linux/sock_diag.h>, <linux/unix_diag.h>
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 0x01
-_NLMSG_ERROR = 2
-_UDIAG_SHOW_PEER = 0x04
-_UNIX_DIAG_PEER = 2
-_INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-_NLMSGHDR = struct.Struct("=IHHII")
-#: struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2].
-_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")
-#: struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
-_UNIX_DIAG_MSG = struct.Struct("=BBBBI2I")
-_RTATTR = struct.Struct("=HH")
 _SOCKET_LINK = "socket:["
 #: Linux's SO_PEEK_OFF (3.4), not in every Python's socket module.
 _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
@@ -63,49 +48,9 @@ def unix_peer_inode(inode: int) -> int | None:
     socket. ``None`` when unknown: no such socket, no peer, or sock_diag
     unavailable (``CONFIG_UNIX_DIAG`` off, or refused in a container).
     """
-    try:
-        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-    except OSError:
-        return None
-    with nl:
-        req = _UNIX_DIAG_REQ.pack(
-            socket.AF_UNIX,
-            0,
-            0,
-            0xFFFFFFFF,  # every state
-            inode,
-            _UDIAG_SHOW_PEER,
-            _INET_DIAG_NOCOOKIE,
-            _INET_DIAG_NOCOOKIE,
-        )
-        hdr = _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
-        try:
-            nl.settimeout(1.0)  # the kernel answers at once; never hang luod
-            nl.sendto(hdr + req, (0, 0))
-            data = nl.recv(8192)
-        except OSError:
-            return None
-    return _parse_peer(data, inode)
-
-
-def _parse_peer(data: bytes, inode: int) -> int | None:
-    if len(data) < _NLMSGHDR.size + _UNIX_DIAG_MSG.size:
-        return None
-    length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data)
-    if kind == _NLMSG_ERROR or length > len(data):
-        return None
-    msg = _UNIX_DIAG_MSG.unpack_from(data, _NLMSGHDR.size)
-    if msg[4] != inode:
-        return None
-    offset = _NLMSGHDR.size + _UNIX_DIAG_MSG.size
-    while offset + _RTATTR.size <= length:
-        alen, atype = _RTATTR.unpack_from(data, offset)
-        if alen < _RTATTR.size:
-            return None
-        if atype == _UNIX_DIAG_PEER and alen >= _RTATTR.size + 4:
-            (peer,) = struct.unpack_from("=I", data, offset + _RTATTR.size)
-            return int(peer) or None
-        offset += (alen + 3) & ~3
+    for found in sockdiag.unix_sockets(sockdiag.SHOW_PEER, inode=inode, timeout=1.0):
+        if found.inode == inode:
+            return found.peer or None
     return None
 
 
