@@ -311,13 +311,28 @@ class DeviceServer:
 
     # -- device connections ---------------------------------------------------
 
-    def _open_device(self, sock: socket.socket) -> None:
-        owner = peer_owner(sock)
-        status = 0
+    def _open_status(self) -> int:
+        """0, or the negative errno that refuses every new connection's open
+        (the incoming state could not be restored: ``EIO``)."""
         try:
             self.luo.check_open()
         except OSError as exc:
-            status = -(exc.errno or errno.EIO)
+            return -(exc.errno or errno.EIO)
+        return 0
+
+    @staticmethod
+    def _send_hello(sock: socket.socket, status: int) -> bool:
+        """Greet a new connection; False (closed) when the peer is already gone."""
+        try:
+            sock.sendall(wire.encode_hello(status))
+        except OSError:
+            sock.close()
+            return False
+        return True
+
+    def _open_device(self, sock: socket.socket) -> None:
+        owner = peer_owner(sock)
+        status = self._open_status()
         # Single opener. A client that closed and reopened at once must not see
         # EBUSY just because its hang-up has not been processed yet; nor may a
         # client end parked in flight (only in some socket queue) keep it busy.
@@ -326,10 +341,7 @@ class DeviceServer:
                 self._close(self.device)
             else:
                 status = -errno.EBUSY
-        try:
-            sock.sendall(wire.encode_hello(status))
-        except OSError:
-            sock.close()
+        if not self._send_hello(sock, status):
             return
         if status != 0:
             event("device-refused", logging.DEBUG, peer_pid=owner.pid, errno=-status)
@@ -343,15 +355,8 @@ class DeviceServer:
     def _open_control(self, sock: socket.socket) -> None:
         """A control connection: never exclusive, greeted like the device's."""
         owner = peer_owner(sock)
-        status = 0
-        try:
-            self.luo.check_open()
-        except OSError as exc:
-            status = -(exc.errno or errno.EIO)
-        try:
-            sock.sendall(wire.encode_hello(status))
-        except OSError:
-            sock.close()
+        status = self._open_status()
+        if not self._send_hello(sock, status):
             return
         if status != 0:
             sock.close()
